@@ -1,0 +1,235 @@
+"""The shard runner on Ray (DESIGN.md, "shard in, shard out").
+
+``run_job(spec)``: validate and preflight everything, start or join Ray, then for each phase
+send one task per uncommitted shard (Ray carries shard paths and small summaries, never
+pixels), merge the global stages' partials at each barrier, emit the training shards and
+publish ``manifest.json`` last. A rerun of the same spec on the same output skips every
+committed task; a different spec on the same output is refused unless ``restart``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from pairsift.pipeline import storage
+from pairsift.pipeline.emit import plan_emit, write_emit_shard
+from pairsift.pipeline.errors import ConfigError, JobError
+from pairsift.pipeline.ledger import Ledger
+from pairsift.pipeline.manifest import build_manifest, format_summary
+from pairsift.pipeline.plan import Phase, plan_phases
+from pairsift.pipeline.spec import JobSpec
+from pairsift.pipeline.worker import run_phase_shard, work_path
+from pairsift.stages import get_stage_class
+from pairsift.stages.base import GlobalStage, StageContext
+from pairsift.stages.ingest import InputShard, discover
+
+log = logging.getLogger("pairsift")
+
+TASK_RETRIES = 2
+
+
+@dataclass
+class JobResult:
+    output: str
+    manifest: dict
+    ray_init_s: float = 0.0
+    run_s: float = 0.0
+    phase_summaries: dict = field(default_factory=dict)
+
+
+def preflight(spec: JobSpec, restart: bool = False) -> list:
+    """Everything that can fail on configuration, before anything is written."""
+    stages = []
+    for i, entry in enumerate(spec.stages):
+        stage = get_stage_class(entry.name)(entry.config, StageContext(seed=spec.seed, output=spec.output, index=i))
+        stage.preflight()
+        stages.append(stage)
+    if spec.input.format != "urls":
+        discover(spec.input)  # raises ConfigError for missing inputs or columns
+    else:
+        from pairsift.stages.download import check_url_lists
+
+        check_url_lists(spec.input)
+    job_file = storage.join(spec.output, "_work", "job.json")
+    if storage.exists(job_file) and not restart:
+        old = storage.read_json(job_file)
+        if old.get("fingerprint") != spec.fingerprint():
+            raise ConfigError(
+                f"output {spec.output} holds a different job ({old.get('name')!r}, spec "
+                f"{old.get('fingerprint')}); this spec is {spec.fingerprint()}. Use another "
+                f"--output, or --restart to discard the old output."
+            )
+    return stages
+
+
+def _init_ray(spec: JobSpec) -> tuple[Any, float]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
+                                      log_to_driver=True)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=spec.ray.num_cpus or os.cpu_count(), **kwargs)
+    return ray, time.perf_counter() - t0
+
+
+def _concurrency(ray, spec: JobSpec) -> int:
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if spec.ray.num_cpus:
+        cpus = min(cpus, spec.ray.num_cpus)
+    return max(1, cpus)
+
+
+def _run_tasks(ray, remote_fn, items: list, make_args: Callable, limit: int, desc: str,
+               count_rows: Callable[[dict], int]) -> list[dict]:
+    """Run ``remote_fn(*make_args(item))`` for every item, at most ``limit`` at a time,
+    with a progress bar of items done and rows/s. Returns the results in item order."""
+    results: list[dict | None] = [None] * len(items)
+    pending: dict = {}
+    todo = list(enumerate(items))
+    bar = tqdm(total=len(items), desc=desc, unit="shard", file=sys.stderr, dynamic_ncols=True,
+               disable=os.environ.get("PAIRSIFT_PROGRESS", "1") == "0")
+    t0, rows = time.perf_counter(), 0
+    try:
+        while todo or pending:
+            while todo and len(pending) < limit:
+                i, item = todo.pop(0)
+                pending[remote_fn.remote(*make_args(item))] = (i, item)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i, item = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except Exception as e:  # after Ray's retries
+                    cause = getattr(e, "cause", None) or e
+                    path = getattr(item, "path", None) or getattr(item, "name", item)
+                    raise JobError(f"{desc}: shard {path} failed after {TASK_RETRIES} retries: "
+                                   f"{type(cause).__name__}: {cause}") from e
+                rows += count_rows(results[i])
+                bar.update(1)
+                bar.set_postfix_str(f"{rows / max(time.perf_counter() - t0, 1e-9):,.0f} samples/s")
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return results  # type: ignore[return-value]
+
+
+def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
+    t_start = time.perf_counter()
+    stages = preflight(spec, restart)
+    if restart:
+        for sub in ("_work", "shards", "metadata", "rejected", "manifest.json"):
+            storage.remove_tree(storage.join(spec.output, sub))
+    storage.write_json(storage.join(spec.output, "_work", "job.json"),
+                       {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.dump()})
+    ray, ray_init_s = _init_ray(spec)
+    limit = _concurrency(ray, spec)
+    ledger = Ledger(spec.output)
+
+    if spec.input.format == "urls":
+        from pairsift.stages.download import prepare_downloads
+
+        shards: list[InputShard] = prepare_downloads(spec, processes=limit)
+    else:
+        shards = discover(spec.input)
+
+    phases = plan_phases([s.name for s in spec.stages])
+    phase_task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_phase_and_commit)
+    emit_task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_emit_and_commit)
+    states: dict[int, Any] = {}
+    state_refs: dict[int, Any] = {}
+    stage_facts: dict[str, dict] = {}
+    summaries: dict[int, list[dict]] = {}
+    phase_times: list[dict] = []
+    resources = _phase_resources(spec, phases)
+
+    for phase in phases:
+        todo = [s for s in shards if not ledger.committed(phase.step_name, s.name)]
+        desc = f"phase {phase.index + 1}/{len(phases)} [{phase.label}]"
+        if len(todo) < len(shards):
+            log.info("%s: %d of %d shards already committed", desc, len(shards) - len(todo), len(shards))
+        t0 = time.perf_counter()
+        fn = phase_task.options(**resources[phase.index])
+        applied = tuple(s.stage for s in phase.steps if s.mode == "apply")
+        refs = tuple(state_refs[i] for i in applied)  # top-level arguments: Ray resolves them
+        _run_tasks(ray, fn, todo, lambda sh: (spec, phase, sh, applied, *refs), limit, desc,
+                   count_rows=lambda r: r["rows"])
+        summaries[phase.index] = [ledger.summary(phase.step_name, s.name) for s in shards]
+        phase_times.append(_phase_timing(phase, summaries[phase.index], time.perf_counter() - t0, len(todo)))
+        if phase.scan is not None:
+            stage = stages[phase.scan]
+            assert isinstance(stage, GlobalStage)
+            partials = [ledger.partial(phase.step_name, s.name) for s in shards]
+            states[phase.scan] = stage.merge(partials)
+            stage_facts[f"{phase.scan}:{stage.name}"] = stage.finalize(states[phase.scan], spec.output) or {}
+            state_refs[phase.scan] = ray.put(states[phase.scan])
+        # Intermediate shards of the phase before are no longer needed.
+        if phase.index > 0 and not spec.emit.keep_work:
+            storage.remove_tree(storage.join(spec.output, "_work", f"p{phase.index - 1}"))
+
+    final = phases[-1]
+    kept = [(work_path(spec.output, final.index, s.name), summ["kept"]) for s, summ in zip(shards, summaries[final.index])]
+    tasks = plan_emit(kept, spec.emit.shard_size)
+    todo = [t for t in tasks if not ledger.committed("emit", t.name)]
+    t0 = time.perf_counter()
+    _run_tasks(ray, emit_task, todo, lambda t: (spec.output, t), limit, "emit", count_rows=lambda r: r["samples"])
+    emitted = [ledger.summary("emit", t.name) for t in tasks]
+    phase_times.append({"phase": "emit", "seconds": round(time.perf_counter() - t0, 3), "shards": len(tasks),
+                        "shards_run": len(todo), "samples": sum(e["samples"] for e in emitted)})
+
+    manifest = build_manifest(spec, shards, summaries[final.index], emitted, stage_facts, phase_times,
+                              ray_init_s=ray_init_s)
+    storage.write_json(storage.join(spec.output, "manifest.json"), manifest)
+    if not spec.emit.keep_work:
+        storage.remove_tree(storage.join(spec.output, "_work", f"p{final.index}"))
+    return JobResult(spec.output, manifest, ray_init_s=ray_init_s, run_s=time.perf_counter() - t_start,
+                     phase_summaries=summaries)
+
+
+def _phase_and_commit(spec, phase, shard, applied: tuple, *states) -> dict:
+    return run_phase_shard(spec, phase, shard, dict(zip(applied, states)))
+
+
+def _emit_and_commit(output: str, task) -> dict:
+    result = write_emit_shard(output, task)
+    Ledger(output).commit("emit", task.name, result)
+    return result
+
+
+def _phase_resources(spec: JobSpec, phases: list[Phase]) -> dict[int, dict]:
+    """Ray resources of one phase task: the most any of its stages declares."""
+    out = {}
+    for ph in phases:
+        idx = [s.stage for s in ph.steps] + ([ph.scan] if ph.scan is not None else [])
+        classes = [get_stage_class(spec.stages[i].name) for i in idx]
+        out[ph.index] = {
+            "num_cpus": max([c.num_cpus for c in classes] + [1.0]),
+            "num_gpus": max([c.num_gpus for c in classes] + [0.0]),
+        }
+    return out
+
+
+def _phase_timing(phase: Phase, summaries: list[dict], wall: float, ran: int) -> dict:
+    t: Counter = Counter()
+    for s in summaries:
+        t.update(s.get("timings", {}))
+    rows = sum(s["rows"] for s in summaries)
+    return {"phase": phase.label, "seconds": round(wall, 3), "shards": len(summaries), "shards_run": ran,
+            "samples": rows, "worker_seconds": {k: round(v, 3) for k, v in sorted(t.items())}}
+
+
+__all__ = ["run_job", "preflight", "JobResult", "format_summary"]

@@ -1,0 +1,185 @@
+"""The job spec: a YAML file validated in full before any work starts.
+
+```yaml
+name: quickstart
+seed: 0
+input:  {format: webdataset|parquet|urls|folder, path: <file, dir or glob>,
+         url_column: url, caption_column: caption}
+output: <dir>
+ray:    {address: null, num_cpus: null}
+stages:
+  - quality:     {min_side: 64}
+  - exact_dedup: {}
+emit:   {shard_size: 10000}
+```
+
+Unknown keys, wrong types, unknown stages and missing inputs raise :class:`ConfigError`
+naming the key path; the CLI turns that into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pairsift.pipeline.errors import ConfigError
+from pairsift.stages import get_stage_class, stage_names
+from pairsift.stages.base import StageConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    format: Literal["webdataset", "parquet", "urls", "folder"]
+    path: str
+    url_column: str = "url"
+    #: Caption column (parquet, URL lists) or WebDataset extension; default ``caption`` for
+    #: tables and ``txt`` for WebDataset tars and folders.
+    caption_column: str | None = None
+    #: Parquet column holding encoded image bytes (plain binary, or a struct with ``bytes``).
+    image_column: str = "image"
+    #: Samples per input shard where the input has no shards of its own (folders, URL lists).
+    shard_size: int = Field(1000, ge=1)
+    #: img2dataset settings for ``format: urls``.
+    download_timeout: float = Field(10.0, gt=0)
+    download_retries: int = Field(0, ge=0)
+    download_threads: int = Field(16, ge=1)
+
+
+    @property
+    def caption_field(self) -> str:
+        if self.caption_column:
+            return self.caption_column
+        return "txt" if self.format in ("webdataset", "folder") else "caption"
+
+
+class RaySpec(_Strict):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class EmitSpec(_Strict):
+    shard_size: int = Field(10000, ge=1)
+    #: Keep the intermediate Parquet shards (with image bytes) after a successful job.
+    keep_work: bool = False
+
+
+class StageSpec(BaseModel):
+    """One validated stage entry: its registered name and typed config."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    name: str
+    config: StageConfig
+
+    def dump(self) -> dict[str, Any]:
+        return {self.name: self.config.model_dump(mode="json")}
+
+
+class JobSpec(_Strict):
+    name: str
+    seed: int = 0
+    input: InputSpec
+    output: str
+    ray: RaySpec = RaySpec()
+    stages: list[StageSpec] = Field(default_factory=list)
+    emit: EmitSpec = EmitSpec()
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _parse_stages(cls, value: Any) -> list[StageSpec]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError("must be a list of {stage_name: {options}} entries")
+        out = []
+        for i, entry in enumerate(value):
+            if isinstance(entry, StageSpec):
+                out.append(entry)
+                continue
+            if isinstance(entry, str):
+                entry = {entry: {}}
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise ValueError(f"[{i}] must be one {{stage_name: {{options}}}} mapping, got {entry!r}")
+            (name, options), = entry.items()
+            try:
+                stage_cls = get_stage_class(name)
+            except KeyError:
+                raise ValueError(
+                    f"[{i}] unknown stage {name!r}; known stages: {', '.join(stage_names())}"
+                ) from None
+            try:
+                config = stage_cls.Config.model_validate(options or {})
+            except ValidationError as e:
+                raise ValueError(f"[{i}].{name}: " + _format_errors(e, prefix="")) from None
+            out.append(StageSpec(name=name, config=config))
+        return out
+
+    def dump(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude={"stages"})
+        d["stages"] = [s.dump() for s in self.stages]
+        return d
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the output (not where it goes or how many
+        CPUs ran it): a rerun with the same fingerprint resumes; another is refused."""
+        d = self.dump()
+        d.pop("output")
+        d.pop("ray")
+        d["emit"].pop("keep_work", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(e: ValidationError, prefix: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = prefix + ".".join(str(p) for p in err["loc"] if p not in ("function-before",))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def load_job(path: str | os.PathLike, output: str | None = None, num_cpus: int | None = None) -> JobSpec:
+    """Read and validate a job spec; paths in it are relative to the spec file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job spec is a mapping with name, input, output, stages")
+    if output is not None:
+        raw["output"] = output
+    if num_cpus is not None:
+        raw.setdefault("ray", {})
+        if isinstance(raw["ray"], dict):
+            raw["ray"]["num_cpus"] = num_cpus
+    return parse_job(raw, base_dir=path.parent, origin=str(path))
+
+
+def parse_job(raw: dict, base_dir: str | os.PathLike = ".", origin: str = "job spec") -> JobSpec:
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: " + _format_errors(e, prefix="").replace("; ", f"\n{origin}: ")) from None
+    base = Path(base_dir)
+    spec.input.path = _resolve(spec.input.path, base)
+    spec.output = _resolve(spec.output, base)
+    return spec
+
+
+def _resolve(p: str, base: Path) -> str:
+    if "://" in p or os.path.isabs(p):
+        return p
+    return str((base / p).resolve()) if not any(ch in p for ch in "*?[") else str(base.resolve() / p)

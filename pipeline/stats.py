@@ -1,0 +1,111 @@
+"""Shard statistics with DuckDB over a job's Parquet output.
+
+Tables: ``samples`` (``OUT/metadata/*.parquet``, the kept rows) and ``rejected``
+(``OUT/rejected/*.parquet``, dropped rows with ``drop_stage`` and ``drop_reason``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import duckdb
+
+from pairsift.pipeline.errors import ConfigError
+
+#: Numeric columns summarised when a job has them (later stages add theirs here).
+SCORE_COLUMNS = ("clip_score", "cotr", "cotr_fuzzy", "text_area", "metaclip_p", "centroid_distance",
+                 "width", "height")
+
+
+def connect(output: str) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with ``samples`` and ``rejected`` registered as views."""
+    if not os.path.isfile(os.path.join(output, "manifest.json")) and not os.path.isdir(os.path.join(output, "rejected")):
+        raise ConfigError(f"{output} is not a pairsift job output (no manifest.json)")
+    con = duckdb.connect()
+    for view, sub in (("samples", "metadata"), ("rejected", "rejected")):
+        folder = os.path.join(output, sub)
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet")) if os.path.isdir(folder) else []
+        if files:
+            glob = os.path.join(folder, "*.parquet").replace("'", "''")
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+        else:
+            con.execute(f"CREATE VIEW {view} AS SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS caption, "
+                        f"NULL::VARCHAR AS drop_stage, NULL::VARCHAR AS drop_reason WHERE false")
+    return con
+
+
+def funnel(con: duckdb.DuckDBPyConnection):
+    return con.execute(
+        """
+        SELECT coalesce(drop_stage, '(kept)') AS stage, coalesce(drop_reason, '') AS reason, count(*) AS n
+        FROM (SELECT drop_stage, drop_reason FROM rejected
+              UNION ALL SELECT NULL, NULL FROM samples)
+        GROUP BY ALL ORDER BY (stage = '(kept)'), n DESC, stage, reason
+        """
+    ).fetchall()
+
+
+def score_summaries(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    out = []
+    for c in SCORE_COLUMNS:
+        if c in cols:
+            row = con.execute(
+                f"SELECT count({c}), min({c}), quantile_cont({c}, 0.1), median({c}), avg({c}), "
+                f"quantile_cont({c}, 0.9), max({c}) FROM samples"
+            ).fetchone()
+            out.append((c, *row))
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def format_table(header: list[str], rows: list[tuple]) -> str:
+    cells = [header] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def stats_text(output: str) -> str:
+    con = connect(output)
+    parts = []
+    manifest_path = os.path.join(output, "manifest.json")
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            m = json.load(f)
+        parts.append(f"job {m['name']!r}: {m['counts']['input']:,} in, {m['counts']['kept']:,} kept")
+        parts.append(format_table(["stage", "in", "dropped", "out"],
+                                  [(s["stage"], s["in"], s["dropped"], s["out"]) for s in m["counts"]["stages"]]))
+    parts.append("")
+    parts.append("funnel by drop reason (DuckDB over metadata/ and rejected/):")
+    parts.append(format_table(["stage", "reason", "samples"], funnel(con)))
+    scores = score_summaries(con)
+    if scores:
+        parts.append("")
+        parts.append("score summaries (kept samples):")
+        parts.append(format_table(["column", "n", "min", "p10", "median", "mean", "p90", "max"], scores))
+    return "\n".join(parts)
+
+
+def print_stats(output: str) -> None:
+    print(stats_text(output))
+
+
+def run_sql(output: str, sql: str) -> str:
+    con = connect(output)
+    try:
+        rel = con.sql(sql)
+    except duckdb.Error as e:
+        raise ConfigError(f"query failed: {e}") from None
+    if rel is None:
+        return ""
+    return format_table(list(rel.columns), rel.fetchall())

@@ -1,0 +1,97 @@
+"""The row schema every stage shares, and the helpers that mark drops.
+
+One row per (image, caption) pair, grown column by column as stages run (DESIGN.md, "One row
+per pair, nothing lost"). A filter never deletes a row: it sets ``drop_reason`` (first reason
+wins), records the stage in ``drop_stage`` and nulls the row's ``image`` bytes so later stages
+skip it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+#: Columns every ingested row carries, in this order.
+BASE_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("drop_reason", pa.string()),
+        pa.field("drop_stage", pa.string()),
+    ]
+)
+
+#: Columns that never leave the work area as metadata (pixels travel only in the tars).
+BINARY_COLUMNS = ("image",)
+
+
+def make_uid(source_rel: str, key: str) -> str:
+    """Stable 128-bit hex id of a sample: hash of its source path (relative to the input
+    root, so moving the data keeps the ids) and its key in that source."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(source_rel.encode("utf-8", "surrogateescape"))
+    h.update(b"\x00")
+    h.update(key.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def live_mask(batch: pa.Table) -> np.ndarray:
+    """Boolean numpy mask of the rows no stage has dropped yet."""
+    return np.asarray(pc.is_null(batch.column("drop_reason")).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def set_column(batch: pa.Table, name: str, values, type: pa.DataType | None = None) -> pa.Table:
+    """Add or replace column ``name``."""
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type)
+    if type is not None and arr.type != type:
+        arr = arr.cast(type)
+    idx = batch.schema.get_field_index(name)
+    if idx >= 0:
+        return batch.set_column(idx, name, arr)
+    return batch.append_column(name, arr)
+
+
+def mark_dropped(batch: pa.Table, reasons: list[str | None], stage: str) -> pa.Table:
+    """Drop rows where ``reasons[i]`` is not None, unless an earlier stage already did.
+
+    The first reason wins; ``drop_stage`` records which stage dropped the row and ``image`` is
+    nulled so later stages skip it.
+    """
+    if len(reasons) != batch.num_rows:
+        raise ValueError(f"{stage}: {len(reasons)} reasons for {batch.num_rows} rows")
+    old_reason = batch.column("drop_reason").to_pylist()
+    old_stage = batch.column("drop_stage").to_pylist()
+    new_reason, new_stage, newly = [], [], []
+    for prev, prev_stage, r in zip(old_reason, old_stage, reasons):
+        if prev is None and r is not None:
+            new_reason.append(r)
+            new_stage.append(stage)
+            newly.append(True)
+        else:
+            new_reason.append(prev)
+            new_stage.append(prev_stage)
+            newly.append(False)
+    if not any(newly):
+        return batch
+    batch = set_column(batch, "drop_reason", new_reason, pa.string())
+    batch = set_column(batch, "drop_stage", new_stage, pa.string())
+    if "image" in batch.column_names:
+        image = batch.column("image")
+        kept = pc.if_else(pa.array([not n for n in newly]), image, pa.scalar(None, image.type))
+        batch = set_column(batch, "image", kept)
+    return batch
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate batches whose schemas may differ in the columns later stages added."""
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return BASE_SCHEMA.empty_table()
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,179 @@
+"""What one worker does with one shard in one phase: read, run the fused stages, write,
+commit. Plain Python: the runner wraps it in a Ray task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pairsift.pipeline import storage
+from pairsift.pipeline.errors import JobError
+from pairsift.pipeline.ledger import Ledger
+from pairsift.pipeline.plan import Phase
+from pairsift.pipeline.table import BASE_SCHEMA, live_mask, mark_dropped
+from pairsift.stages import get_stage_class
+from pairsift.stages.base import Stage, StageContext
+from pairsift.stages.ingest import InputShard, read_shard
+
+log = logging.getLogger("pairsift.worker")
+
+BATCH_SIZE = 256
+_STAGES: dict[tuple, Stage] = {}
+
+
+def work_path(output: str, phase: int, name: str) -> str:
+    return storage.join(output, "_work", f"p{phase}", f"{name}.parquet")
+
+
+def rejected_path(output: str, name: str) -> str:
+    return storage.join(output, "rejected", f"{name}.parquet")
+
+
+def get_stage(spec, index: int) -> Stage:
+    """The job's stage ``index``, set up once per worker process."""
+    key = (spec.fingerprint(), spec.output, index)
+    stage = _STAGES.get(key)
+    if stage is None:
+        entry = spec.stages[index]
+        cls = get_stage_class(entry.name)
+        stage = cls(entry.config, StageContext(seed=spec.seed, output=spec.output, index=index))
+        stage.setup()
+        _STAGES[key] = stage
+    return stage
+
+
+def _run_guarded(fn, batch: pa.Table, stage_name: str, errors: list[str]) -> pa.Table:
+    """Run ``fn`` on the batch; if it raises, run it row by row and drop the rows that
+    raise with reason ``error:<stage>`` (the cause goes to ``errors``)."""
+    try:
+        return fn(batch)
+    except Exception as batch_exc:  # noqa: BLE001 - any stage bug must not lose the shard
+        if batch.num_rows <= 1:
+            errors.append(f"{type(batch_exc).__name__}: {batch_exc}")
+            return mark_dropped(batch, ["error:" + stage_name] * batch.num_rows, stage_name)
+        parts = []
+        for i in range(batch.num_rows):
+            row = batch.slice(i, 1)
+            if not live_mask(row)[0]:
+                parts.append(row)
+                continue
+            parts.append(_run_guarded(fn, row, stage_name, errors))
+        return pa.concat_tables(parts, promote_options="permissive")
+
+
+class _Aligner:
+    """Casts every batch to one schema: the phase's schema probed on an empty batch."""
+
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = []
+        for f in self.schema:
+            if f.name in batch.column_names:
+                col = batch.column(f.name)
+                cols.append(col if col.type == f.type else col.cast(f.type))
+            else:
+                cols.append(pa.nulls(batch.num_rows, f.type))
+        return pa.table(cols, schema=self.schema)
+
+
+def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any]) -> dict:
+    """Process one shard through one phase and commit it. Returns the shard's summary."""
+    out = spec.output
+    name = shard.name
+    timings: Counter = Counter()
+    errors: list[str] = []
+    source_errors: list[str] = []
+
+    def steps(batch: pa.Table) -> pa.Table:
+        for step in phase.steps:
+            stage = get_stage(spec, step.stage)
+            t0 = time.perf_counter()
+            if step.mode == "apply":
+                state = states[step.stage]
+                batch = _run_guarded(lambda b: stage.apply(b, state), batch, step.name, errors)
+            else:
+                batch = _run_guarded(stage.process, batch, step.name, errors)
+            timings[step.name] += time.perf_counter() - t0
+        return batch
+
+    schema = steps(BASE_SCHEMA.empty_table()).schema
+    align = _Aligner(schema)
+    if phase.first:
+        batches = read_shard(shard, spec.input, BATCH_SIZE, source_errors)
+    else:
+        src = work_path(out, phase.index - 1, name)
+        fs, p = storage.fs_path(src)
+        batches = (pa.Table.from_batches([rb]) for rb in pq.ParquetFile(fs.open(p, "rb")).iter_batches(BATCH_SIZE))
+
+    scan_stage = get_stage(spec, phase.scan) if phase.scan is not None else None
+    partials = []
+    rows_in = kept = live_in = 0
+    reasons: Counter = Counter()
+    keep_path = work_path(out, phase.index, name)
+    rej_schema = pa.schema([f for f in schema if f.name != "image"])
+
+    with ExitStack() as stack:
+        wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), schema, compression="zstd")
+        wrej = None
+        if phase.final:
+            frej = stack.enter_context(storage.atomic_open(rejected_path(out, name)))
+            wrej = pq.ParquetWriter(frej, rej_schema, compression="zstd")
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            timings["read"] += time.perf_counter() - t0
+            rows_in += batch.num_rows
+            live_in += int(live_mask(batch).sum())
+            batch = align(steps(batch))
+            if scan_stage is not None:
+                t0 = time.perf_counter()
+                partials.append(scan_stage.scan(batch))
+                timings["scan"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if wrej is not None:
+                live = pa.array(live_mask(batch))
+                kept_batch = batch.filter(live)
+                rej = batch.filter(pc.invert(live)).drop_columns(["image"])
+                kept += kept_batch.num_rows
+                for st, r in zip(rej.column("drop_stage").to_pylist(), rej.column("drop_reason").to_pylist()):
+                    reasons[f"{st}\t{r}"] += 1
+                wkeep.write_table(kept_batch)
+                wrej.write_table(rej)
+            else:
+                kept += int(live_mask(batch).sum())
+                wkeep.write_table(batch)
+            timings["write"] += time.perf_counter() - t0
+        wkeep.close()
+        if wrej is not None:
+            wrej.close()
+
+    if live_in and errors and len(errors) >= live_in:
+        raise JobError(f"every sample of shard {shard.path} failed in phase {phase.label}: {errors[0]}")
+    partial = scan_stage.combine(partials) if scan_stage is not None else None
+    summary = {
+        "shard": name,
+        "source": shard.path,
+        "rows": rows_in,
+        "kept": kept,
+        "drops": dict(reasons),
+        "errors": errors[:20],
+        "error_count": len(errors),
+        "source_errors": source_errors,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+    Ledger(out).commit(phase.step_name, name, summary, partial)
+    return summary

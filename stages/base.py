@@ -1,0 +1,88 @@
+"""Stage base classes (DESIGN.md, "shard in, shard out").
+
+A **map stage** works on one batch at a time: ``setup()`` loads models once per worker and
+``process(batch) -> batch`` adds columns and marks drops. A **global stage** needs the whole
+pool once: ``scan(batch) -> partial`` per shard (small), ``merge(partials) -> state`` on the
+driver, and ``apply(batch, state) -> batch``, a map stage again. The runner puts a barrier
+between scan and apply; nothing else is special. Stage code never imports Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may know about the job it runs in."""
+
+    seed: int = 0
+    output: str = ""
+    index: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+class Stage:
+    """A map stage. Subclasses set ``name`` and ``Config`` and implement ``process``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    #: Resources one worker of this stage needs; the runner sizes its pools from them.
+    num_cpus: ClassVar[float] = 1.0
+    num_gpus: ClassVar[float] = 0.0
+
+    def __init__(self, config: StageConfig, context: StageContext | None = None):
+        self.config = config
+        self.context = context or StageContext()
+
+    def preflight(self) -> None:
+        """Check what can be checked before any work starts (models present, files exist).
+
+        Raise :class:`pairsift.pipeline.errors.ConfigError` with a message naming the problem.
+        """
+
+    def setup(self) -> None:
+        """Load models; called once per worker before the first batch."""
+
+    def process(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Small per-job facts for the manifest (model names, thresholds)."""
+        return {}
+
+
+class GlobalStage(Stage):
+    """A stage that needs the whole pool once: scan, merge, apply."""
+
+    def scan(self, batch: pa.Table) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def combine(self, partials: list[Any]) -> Any:
+        """Combine the partials of one shard's batches into the shard's partial.
+
+        Defaults to ``merge``'s input format: a list kept as is."""
+        return partials
+
+    def merge(self, partials: list[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, batch: pa.Table, state: Any) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finalize(self, state: Any, output: str) -> dict:
+        """Write the stage's job-level artifacts under ``output``; return manifest facts."""
+        return {}
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise TypeError(f"{self.name} is a global stage: the runner calls scan/merge/apply")
