@@ -38,10 +38,12 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
 def funnel(con: duckdb.DuckDBPyConnection):
     return con.execute(
         """
-        SELECT coalesce(drop_stage, '(kept)') AS stage, coalesce(drop_reason, '') AS reason, count(*) AS n
-        FROM (SELECT drop_stage, drop_reason FROM rejected
-              UNION ALL SELECT NULL, NULL FROM samples)
-        GROUP BY ALL ORDER BY (stage = '(kept)'), n DESC, stage, reason
+        WITH t AS (
+            SELECT coalesce(drop_stage, '(kept)') AS stage, coalesce(drop_reason, '') AS reason
+            FROM (SELECT drop_stage, drop_reason FROM rejected
+                  UNION ALL SELECT NULL, NULL FROM samples))
+        SELECT stage, reason, count(*) AS n FROM t GROUP BY stage, reason
+        ORDER BY stage = '(kept)', n DESC, stage, reason
         """
     ).fetchall()
 
