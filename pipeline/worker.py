@@ -106,14 +106,17 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             timings[step.name] += time.perf_counter() - t0
         return batch
 
-    schema = steps(BASE_SCHEMA.empty_table()).schema
-    align = _Aligner(schema)
     if phase.first:
+        in_schema = BASE_SCHEMA
         batches = read_shard(shard, spec.input, BATCH_SIZE, source_errors)
     else:
-        src = work_path(out, phase.index - 1, name)
-        fs, p = storage.fs_path(src)
-        batches = (pa.Table.from_batches([rb]) for rb in pq.ParquetFile(fs.open(p, "rb")).iter_batches(BATCH_SIZE))
+        fs, p = storage.fs_path(work_path(out, phase.index - 1, name))
+        pf = pq.ParquetFile(fs.open(p, "rb"))
+        in_schema = pf.schema_arrow
+        batches = (pa.Table.from_batches([rb], schema=in_schema) for rb in pf.iter_batches(BATCH_SIZE))
+    # The phase's output schema: the stages run on an empty batch of the input schema.
+    schema = steps(in_schema.empty_table()).schema
+    align = _Aligner(schema)
 
     scan_stage = get_stage(spec, phase.scan) if phase.scan is not None else None
     partials = []
