@@ -27,8 +27,9 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         folder = os.path.join(output, sub)
         files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet")) if os.path.isdir(folder) else []
         if files:
-            glob = os.path.join(folder, "*.parquet").replace("'", "''")
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+            # The files listed one by one, not a glob: an output path may hold [ ] * ? itself.
+            paths = ", ".join("'" + os.path.join(folder, f).replace("'", "''") + "'" for f in files)
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{paths}], union_by_name=true)")
         else:
             con.execute(f"CREATE VIEW {view} AS SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS caption, "
                         f"NULL::VARCHAR AS drop_stage, NULL::VARCHAR AS drop_reason WHERE false")
@@ -64,6 +65,8 @@ def score_summaries(con: duckdb.DuckDBPyConnection) -> list[tuple]:
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):  # before int: bool is an int subclass and would print as 1/0
+        return str(v).lower()
     if isinstance(v, float):
         return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
@@ -106,8 +109,10 @@ def run_sql(output: str, sql: str) -> str:
     con = connect(output)
     try:
         rel = con.sql(sql)
+        if rel is None:  # a statement without a result (CREATE, SET, ...)
+            return ""
+        # Some errors (conversions, division by zero, ...) only surface when rows are fetched.
+        columns, rows = list(rel.columns), rel.fetchall()
     except duckdb.Error as e:
         raise ConfigError(f"query failed: {e}") from None
-    if rel is None:
-        return ""
-    return format_table(list(rel.columns), rel.fetchall())
+    return format_table(columns, rows)

@@ -13,6 +13,7 @@ import importlib
 REGISTRY: dict[str, str] = {
     "quality": "pairsift.stages.quality:QualityStage",
     "exact_dedup": "pairsift.stages.exact_dedup:ExactDedupStage",
+    "fault_injection": "pairsift.stages.faults:FaultInjectionStage",
 }
 
 
@@ -21,7 +22,18 @@ def stage_names() -> list[str]:
 
 
 def get_stage_class(name: str):
-    """The stage class registered as ``name``; KeyError if there is none."""
-    target = REGISTRY[name]
+    """The stage class registered as ``name``, or named by an import path
+    (``package.module:Class``, for stages that live outside pairsift); KeyError if none."""
+    target = REGISTRY.get(name) or (name if ":" in name else None)
+    if target is None:
+        raise KeyError(name)
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise KeyError(f"{name} ({e})") from None
+    from pairsift.stages.base import Stage
+
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise KeyError(f"{name} is not a pairsift Stage")
+    return cls

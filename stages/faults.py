@@ -1,0 +1,56 @@
+"""Stage ``fault_injection``: makes failures on purpose, to test fault tolerance.
+
+Not a curation step. It lets tests (and operators checking a new cluster) see that the runner
+does what DESIGN.md promises: a stage raising on one sample's data drops that sample with
+reason ``error:<stage>`` and the job goes on; a stage failing on every sample of a shard fails
+the job with the shard's path; a worker process that dies mid-shard costs one retried shard.
+Rule: a live row whose caption contains ``raise_on_caption`` raises ``ValueError``; every row
+of a shard whose source path contains ``fail_shard`` raises (both only while
+``fail_while_exists`` exists, when it is set); the first worker to see a caption
+containing ``kill_on_caption`` exits hard (``os._exit``) unless ``kill_marker`` exists, which
+it creates first, so the retry succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+from pairsift.pipeline.table import live_mask
+from pairsift.stages.base import Stage, StageConfig
+
+
+class FaultConfig(StageConfig):
+    raise_on_caption: str | None = None
+    fail_shard: str | None = None
+    kill_on_caption: str | None = None
+    kill_marker: str | None = None
+    #: Injected failures happen only while this file exists (an outage the test ends).
+    fail_while_exists: str | None = None
+
+
+class FaultInjectionStage(Stage):
+    name = "fault_injection"
+    Config = FaultConfig
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        c: FaultConfig = self.config
+        if c.fail_while_exists and not os.path.exists(c.fail_while_exists):
+            return batch
+        live = live_mask(batch)
+        captions = batch.column("caption").to_pylist()
+        sources = batch.column("source").to_pylist()
+        for ok, caption, source in zip(live, captions, sources):
+            if not ok:
+                continue
+            if c.fail_shard and c.fail_shard in (source or ""):
+                raise RuntimeError(f"injected failure for shard {source}")
+            if c.raise_on_caption and c.raise_on_caption in (caption or ""):
+                raise ValueError(f"injected failure on caption {caption!r}")
+            if c.kill_on_caption and c.kill_on_caption in (caption or "") and c.kill_marker:
+                if not os.path.exists(c.kill_marker):
+                    with open(c.kill_marker, "w") as f:
+                        f.write(str(os.getpid()))
+                    os._exit(1)
+        return batch
