@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA, make_uid
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "mpo",
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "mpo", "apng", "jfif",
               "ppm", "pgm", "pbm", "pnm", "heic", "heif")
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # WebDataset's key/extension split
