@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -14,7 +15,8 @@ from pairsift.pipeline.table import make_uid
 
 def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.effect_noise((96, 96), 40 + seed).convert("RGB").save(buf, format="JPEG")
+    pixels = np.random.default_rng(seed).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format="JPEG")
     return buf.getvalue()
 
 
