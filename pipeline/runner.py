@@ -147,15 +147,14 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
     else:
         shards = discover(spec.input)
 
-    phases = plan_phases([s.name for s in spec.stages])
+    phases = plan_phases(spec.stages)
     phase_task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_phase_and_commit)
     emit_task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_emit_and_commit)
-    states: dict[int, Any] = {}
-    state_refs: dict[int, Any] = {}
+    state_refs: dict[int, Any] = {}  # merged state of each global stage, for its apply
+    scan_states: dict[int, Any] = {}  # state of a stage's previous scan pass
     stage_facts: dict[str, dict] = {}
     summaries: dict[int, list[dict]] = {}
     phase_times: list[dict] = []
-    resources = _phase_resources(spec, phases)
 
     for phase in phases:
         todo = [s for s in shards if not ledger.committed(phase.step_name, s.name)]
@@ -163,9 +162,10 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
         if len(todo) < len(shards):
             log.info("%s: %d of %d shards already committed", desc, len(shards) - len(todo), len(shards))
         t0 = time.perf_counter()
-        fn = phase_task.options(**resources[phase.index])
+        fn = phase_task.options(**_phase_resources(stages, phase))
         applied = tuple(s.stage for s in phase.steps if s.mode == "apply")
-        refs = tuple(state_refs[i] for i in applied)  # top-level arguments: Ray resolves them
+        # Top-level arguments, so that Ray resolves the object refs.
+        refs = (ray.put(scan_states.get(phase.scan)),) + tuple(state_refs[i] for i in applied)
         _run_tasks(ray, fn, todo, lambda sh: (spec, phase, sh, applied, *refs), limit, desc,
                    count_rows=lambda r: r["rows"])
         summaries[phase.index] = [ledger.summary(phase.step_name, s.name) for s in shards]
@@ -174,12 +174,17 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
             stage = stages[phase.scan]
             assert isinstance(stage, GlobalStage)
             partials = [ledger.partial(phase.step_name, s.name) for s in shards]
-            states[phase.scan] = stage.merge(partials)
-            stage_facts[f"{phase.scan}:{stage.name}"] = stage.finalize(states[phase.scan], spec.output) or {}
-            state_refs[phase.scan] = ray.put(states[phase.scan])
-        # Intermediate shards of the phase before are no longer needed.
-        if phase.index > 0 and not spec.emit.keep_work:
-            storage.remove_tree(storage.join(spec.output, "_work", f"p{phase.index - 1}"))
+            state = stage.merge_pass(partials, phase.scan_pass, scan_states.get(phase.scan))
+            if phase.scan_pass + 1 < type(stage).passes(stage.config):
+                scan_states[phase.scan] = state
+            else:
+                stage_facts[f"{phase.scan}:{stage.name}"] = stage.finalize(state, spec.output) or {}
+                state_refs[phase.scan] = ray.put(state)
+        if not spec.emit.keep_work:  # work shards no later phase reads
+            needed = {p.input_phase for p in phases[phase.index + 1 :]} | {phases[-1].index}
+            for p in phases[: phase.index + 1]:
+                if p.writes and p.index not in needed:
+                    storage.remove_tree(storage.join(spec.output, "_work", f"p{p.index}"))
 
     final = phases[-1]
     kept = [(work_path(spec.output, final.index, s.name), summ["kept"]) for s, summ in zip(shards, summaries[final.index])]
@@ -200,8 +205,8 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
                      phase_summaries=summaries)
 
 
-def _phase_and_commit(spec, phase, shard, applied: tuple, *states) -> dict:
-    return run_phase_shard(spec, phase, shard, dict(zip(applied, states)))
+def _phase_and_commit(spec, phase, shard, applied: tuple, scan_state, *states) -> dict:
+    return run_phase_shard(spec, phase, shard, dict(zip(applied, states)), scan_state)
 
 
 def _emit_and_commit(output: str, task) -> dict:
@@ -210,17 +215,14 @@ def _emit_and_commit(output: str, task) -> dict:
     return result
 
 
-def _phase_resources(spec: JobSpec, phases: list[Phase]) -> dict[int, dict]:
-    """Ray resources of one phase task: the most any of its stages declares."""
-    out = {}
-    for ph in phases:
-        idx = [s.stage for s in ph.steps] + ([ph.scan] if ph.scan is not None else [])
-        classes = [get_stage_class(spec.stages[i].name) for i in idx]
-        out[ph.index] = {
-            "num_cpus": max([c.num_cpus for c in classes] + [1.0]),
-            "num_gpus": max([c.num_gpus for c in classes] + [0.0]),
-        }
-    return out
+def _phase_resources(stages: list, phase: Phase) -> dict:
+    """Ray resources of one phase task: the most any of its stages asks for."""
+    idx = [s.stage for s in phase.steps] + ([phase.scan] if phase.scan is not None else [])
+    asks = [stages[i].resources() for i in idx]
+    return {
+        "num_cpus": max([a.get("num_cpus", 1.0) for a in asks] + [1.0]),
+        "num_gpus": max([a.get("num_gpus", 0.0) for a in asks] + [0.0]),
+    }
 
 
 def _phase_timing(phase: Phase, summaries: list[dict], wall: float, ran: int) -> dict:

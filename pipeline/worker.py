@@ -86,8 +86,11 @@ class _Aligner:
         return pa.table(cols, schema=self.schema)
 
 
-def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any]) -> dict:
-    """Process one shard through one phase and commit it. Returns the shard's summary."""
+def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any], scan_state: Any = None) -> dict:
+    """Process one shard through one phase and commit it. Returns the shard's summary.
+
+    ``states`` holds the merged state of each global stage this phase applies;
+    ``scan_state`` what the previous pass merged, for a stage's second and later scans."""
     out = spec.output
     name = shard.name
     timings: Counter = Counter()
@@ -110,7 +113,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         in_schema = BASE_SCHEMA
         batches = read_shard(shard, spec.input, BATCH_SIZE, source_errors)
     else:
-        fs, p = storage.fs_path(work_path(out, phase.index - 1, name))
+        fs, p = storage.fs_path(work_path(out, phase.input_phase, name))
         pf = pq.ParquetFile(fs.open(p, "rb"))
         in_schema = pf.schema_arrow
         batches = (pa.Table.from_batches([rb], schema=in_schema) for rb in pf.iter_batches(BATCH_SIZE))
@@ -126,8 +129,9 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     rej_schema = pa.schema([f for f in schema if f.name != "image"])
 
     with ExitStack() as stack:
-        wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), schema, compression="zstd")
-        wrej = None
+        wkeep = wrej = None
+        if phase.writes:
+            wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), schema, compression="zstd")
         if phase.final:
             frej = stack.enter_context(storage.atomic_open(rejected_path(out, name)))
             wrej = pq.ParquetWriter(frej, rej_schema, compression="zstd")
@@ -144,7 +148,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             batch = align(steps(batch))
             if scan_stage is not None:
                 t0 = time.perf_counter()
-                partials.append(scan_stage.scan(batch))
+                partials.append(scan_stage.scan_pass(batch, phase.scan_pass, scan_state))
                 timings["scan"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if wrej is not None:
@@ -158,9 +162,11 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
                 wrej.write_table(rej)
             else:
                 kept += int(live_mask(batch).sum())
-                wkeep.write_table(batch)
+                if wkeep is not None:
+                    wkeep.write_table(batch)
             timings["write"] += time.perf_counter() - t0
-        wkeep.close()
+        if wkeep is not None:
+            wkeep.close()
         if wrej is not None:
             wrej.close()
 

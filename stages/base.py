@@ -45,6 +45,20 @@ class Stage:
         self.config = config
         self.context = context or StageContext()
 
+    @classmethod
+    def is_global(cls, config: StageConfig) -> bool:
+        """Whether this configuration needs the whole pool (scan/merge/apply)."""
+        return False
+
+    @classmethod
+    def passes(cls, config: StageConfig) -> int:
+        """How many scans over the pool a global stage needs before ``apply``."""
+        return 1
+
+    def resources(self) -> dict[str, float]:
+        """Ray resources one worker needs for this configuration (CPUs, GPUs)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
     def preflight(self) -> None:
         """Check what can be checked before any work starts (models present, files exist).
 
@@ -63,10 +77,28 @@ class Stage:
 
 
 class GlobalStage(Stage):
-    """A stage that needs the whole pool once: scan, merge, apply."""
+    """A stage that needs the whole pool: ``process`` (its map part, identity by default)
+    runs with the stages before it, then ``scan`` per batch, ``combine`` per shard, ``merge``
+    on the driver, and ``apply`` per batch. Override ``is_global`` where only some
+    configurations need the pool, and ``passes`` (with ``scan_pass``/``merge_pass``) where
+    one look is not enough."""
+
+    @classmethod
+    def is_global(cls, config: StageConfig) -> bool:
+        return True
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return batch
 
     def scan(self, batch: pa.Table) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def scan_pass(self, batch: pa.Table, pass_index: int, state: Any) -> Any:
+        """Scan of pass ``pass_index``; ``state`` is what the pass before merged."""
+        return self.scan(batch)
+
+    def merge_pass(self, partials: list[Any], pass_index: int, state: Any) -> Any:
+        return self.merge(partials)
 
     def combine(self, partials: list[Any]) -> Any:
         """Combine the partials of one shard's batches into the shard's partial.
@@ -84,5 +116,3 @@ class GlobalStage(Stage):
         """Write the stage's job-level artifacts under ``output``; return manifest facts."""
         return {}
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        raise TypeError(f"{self.name} is a global stage: the runner calls scan/merge/apply")
