@@ -49,6 +49,24 @@ def _cmd_sample_pool(args) -> int:
     return 0
 
 
+#: Modules that add subcommands: each has ``add_commands(subparsers)`` (imports kept lazy).
+COMMAND_MODULES = (
+    "pairsift.stages.clip_models",  # pairsift models pull
+    "pairsift.metadata.cli",  # pairsift metadata build, pairsift metaclip match
+    "pairsift.pipeline.status",  # pairsift status, pairsift report
+)
+
+
+def _add_plugin_commands(sub) -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairsift", description="Curate image-text pairs for CLIP training.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -68,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample-pool", help="make the quickstart's sample pool (no network needed)")
     sp.add_argument("folder", help="where to write the WebDataset tars")
     sp.set_defaults(func=_cmd_sample_pool)
+    _add_plugin_commands(sub)
     return p
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
@@ -138,6 +138,10 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
                        {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.dump()})
     ray, ray_init_s = _init_ray(spec)
     limit = _concurrency(ray, spec)
+    cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    cluster["CPU"] = float(limit)  # what this job may use
+    for stage in stages:  # stages size their workers from what the cluster has
+        stage.context = replace(stage.context, extras={**stage.context.extras, "cluster": cluster})
     ledger = Ledger(spec.output)
 
     if spec.input.format == "urls":
@@ -162,11 +166,13 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
         if len(todo) < len(shards):
             log.info("%s: %d of %d shards already committed", desc, len(shards) - len(todo), len(shards))
         t0 = time.perf_counter()
-        fn = phase_task.options(**_phase_resources(stages, phase))
+        resources = _phase_resources(stages, phase)
+        fn = phase_task.options(**resources)
+        extras = {"resources": resources, "cluster": cluster}
         applied = tuple(s.stage for s in phase.steps if s.mode == "apply")
         # Top-level arguments, so that Ray resolves the object refs.
         refs = (ray.put(scan_states.get(phase.scan)),) + tuple(state_refs[i] for i in applied)
-        _run_tasks(ray, fn, todo, lambda sh: (spec, phase, sh, applied, *refs), limit, desc,
+        _run_tasks(ray, fn, todo, lambda sh: (spec, phase, sh, applied, extras, *refs), limit, desc,
                    count_rows=lambda r: r["rows"])
         summaries[phase.index] = [ledger.summary(phase.step_name, s.name) for s in shards]
         phase_times.append(_phase_timing(phase, summaries[phase.index], time.perf_counter() - t0, len(todo)))
@@ -205,8 +211,8 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
                      phase_summaries=summaries)
 
 
-def _phase_and_commit(spec, phase, shard, applied: tuple, scan_state, *states) -> dict:
-    return run_phase_shard(spec, phase, shard, dict(zip(applied, states)), scan_state)
+def _phase_and_commit(spec, phase, shard, applied: tuple, extras: dict, scan_state, *states) -> dict:
+    return run_phase_shard(spec, phase, shard, dict(zip(applied, states)), scan_state, extras)
 
 
 def _emit_and_commit(output: str, task) -> dict:

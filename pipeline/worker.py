@@ -37,14 +37,19 @@ def rejected_path(output: str, name: str) -> str:
     return storage.join(output, "rejected", f"{name}.parquet")
 
 
-def get_stage(spec, index: int) -> Stage:
-    """The job's stage ``index``, set up once per worker process."""
+def get_stage(spec, index: int, extras: dict | None = None) -> Stage:
+    """The job's stage ``index``, set up once per worker process.
+
+    ``extras`` reaches the stage as ``context.extras``: the runner puts the Ray resources
+    granted to this worker there (``resources``: num_cpus, num_gpus) and the cluster's
+    totals (``cluster``: CPU, GPU)."""
     key = (spec.fingerprint(), spec.output, index)
     stage = _STAGES.get(key)
     if stage is None:
         entry = spec.stages[index]
         cls = get_stage_class(entry.name)
-        stage = cls(entry.config, StageContext(seed=spec.seed, output=spec.output, index=index))
+        ctx = StageContext(seed=spec.seed, output=spec.output, index=index, extras=dict(extras or {}))
+        stage = cls(entry.config, ctx)
         stage.setup()
         _STAGES[key] = stage
     return stage
@@ -86,7 +91,8 @@ class _Aligner:
         return pa.table(cols, schema=self.schema)
 
 
-def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any], scan_state: Any = None) -> dict:
+def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any], scan_state: Any = None,
+                    extras: dict | None = None) -> dict:
     """Process one shard through one phase and commit it. Returns the shard's summary.
 
     ``states`` holds the merged state of each global stage this phase applies;
@@ -99,7 +105,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
 
     def steps(batch: pa.Table) -> pa.Table:
         for step in phase.steps:
-            stage = get_stage(spec, step.stage)
+            stage = get_stage(spec, step.stage, extras)
             t0 = time.perf_counter()
             if step.mode == "apply":
                 state = states[step.stage]
@@ -121,7 +127,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     schema = steps(in_schema.empty_table()).schema
     align = _Aligner(schema)
 
-    scan_stage = get_stage(spec, phase.scan) if phase.scan is not None else None
+    scan_stage = get_stage(spec, phase.scan, extras) if phase.scan is not None else None
     partials = []
     rows_in = kept = live_in = 0
     reasons: Counter = Counter()

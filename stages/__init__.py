@@ -9,16 +9,28 @@ under the names the job spec uses (``clip_score``, ``parrot``, ``semdedup``,
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 REGISTRY: dict[str, str] = {
     "quality": "pairsift.stages.quality:QualityStage",
     "exact_dedup": "pairsift.stages.exact_dedup:ExactDedupStage",
     "fault_injection": "pairsift.stages.faults:FaultInjectionStage",
+    "clip_score": "pairsift.stages.clip_score:ClipScoreStage",
+    "metaclip": "pairsift.stages.metaclip:MetaClipStage",
+    "semdedup": "pairsift.stages.semdedup:SemDedupStage",
+    "concept_prune": "pairsift.stages.concept_prune:ConceptPruneStage",
+    "parrot": "pairsift.stages.parrot:ParrotStage",
+    "recaption": "pairsift.stages.recaption:RecaptionStage",
 }
 
 
 def stage_names() -> list[str]:
-    return sorted(REGISTRY)
+    """Names of the stages whose modules are present."""
+    names = []
+    for name, target in REGISTRY.items():
+        if importlib.util.find_spec(target.partition(":")[0]) is not None:
+            names.append(name)
+    return sorted(names)
 
 
 def get_stage_class(name: str):
