@@ -5,10 +5,16 @@
 ``OUT/metadata/NNNNNN.parquet`` holds the same rows without pixels. Output shard ``k`` holds
 kept rows ``[k*S, (k+1)*S)`` in input order, so the layout does not depend on how many
 workers ran. Tar members carry fixed owners and times: the same rows give the same bytes.
+
+Each ``.txt`` holds the original caption unless ``emit.caption_policy`` says otherwise
+(:class:`CaptionPolicy`): ``recaption`` puts the ``recaption`` column there, ``mix`` the
+original with probability ``p_original`` and the recaption otherwise, decided per sample by
+hash(seed, uid) as Recap-DataComp mixes its captions; the ``.json`` carries both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -62,6 +68,34 @@ def plan_emit(work_shards: list[tuple[str, int]], shard_size: int) -> list[EmitT
     return tasks
 
 
+@dataclass(frozen=True)
+class CaptionPolicy:
+    """Which text goes into each sample's ``.txt``: ``original`` (the caption),
+    ``recaption`` (column ``column``; a list of rewrites gives one picked by hash(seed, uid)),
+    or ``mix`` (the original with probability ``p_original``, by hash(seed, uid)). A sample
+    without a recaption (its generation failed) keeps its original caption."""
+
+    policy: str = "original"
+    p_original: float = 0.5
+    seed: int = 0
+    column: str = "recaption"
+
+    def _unit(self, uid: str, salt: str) -> float:
+        h = hashlib.blake2b(f"{self.seed}\x1f{uid}\x1f{salt}".encode("utf-8", "surrogateescape"), digest_size=8)
+        return int.from_bytes(h.digest(), "big") / 2.0**64
+
+    def choose(self, uid: str, caption: str | None, recaption) -> tuple[str, str]:
+        """(text, "original" | "recaption") for one sample."""
+        if isinstance(recaption, (list, tuple)):
+            options = [r for r in recaption if r]
+            recaption = options[int(self._unit(uid, "rewrite") * len(options))] if options else None
+        if self.policy == "original" or not recaption:
+            return caption or "", "original"
+        if self.policy == "mix" and self._unit(uid, "mix") < self.p_original:
+            return caption or "", "original"
+        return recaption, "recaption"
+
+
 def _json_safe(value):
     if isinstance(value, bytes):
         return None
@@ -109,14 +143,22 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_emit_shard(output: str, task: EmitTask) -> dict:
+def write_emit_shard(output: str, task: EmitTask, captions_from: CaptionPolicy | None = None) -> dict:
     """Write one training shard and its metadata; return {name, samples, bytes}."""
     table = _read_slices(task)
+    uids = table.column("uid").to_pylist()
+    captions = table.column("caption").to_pylist()
+    policy = captions_from or CaptionPolicy()
+    if policy.policy != "original":  # the .txt text, and where it came from (json + metadata)
+        if policy.column not in table.column_names:
+            raise ValueError(f"emit.caption_policy {policy.policy!r} needs column {policy.column!r}, "
+                             f"which no stage wrote")
+        picked = [policy.choose(u, c, r) for u, c, r in zip(uids, captions, table.column(policy.column).to_pylist())]
+        captions = [p[0] for p in picked]
+        table = table.append_column("text_source", pa.array([p[1] for p in picked], pa.string()))
     json_cols = _json_columns(table.schema)
     meta_cols = {c: table.column(c).to_pylist() for c in json_cols}
     images = table.column("image").to_pylist()
-    captions = table.column("caption").to_pylist()
-    uids = table.column("uid").to_pylist()
     exts, transcoded = [], []
     tar_path = storage.join(output, "shards", f"{task.name}.tar")
     with storage.atomic_open(tar_path) as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from pairsift.pipeline import storage
-from pairsift.pipeline.emit import plan_emit, write_emit_shard
+from pairsift.pipeline.emit import CaptionPolicy, plan_emit, write_emit_shard
 from pairsift.pipeline.errors import ConfigError, JobError
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.manifest import build_manifest, format_summary
@@ -77,8 +78,9 @@ def _init_ray(spec: JobSpec) -> tuple[Any, float]:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         address = spec.ray.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
-                                      log_to_driver=True)
+        level = logging.getLevelName(logging.getLogger("pairsift").getEffectiveLevel())
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                                      runtime_env={"env_vars": {"PAIRSIFT_LOG_LEVEL": str(level)}})
         if address:
             ray.init(address=address, **kwargs)
         else:
@@ -132,10 +134,12 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
     t_start = time.perf_counter()
     stages = preflight(spec, restart)
     if restart:
-        for sub in ("_work", "shards", "metadata", "rejected", "manifest.json"):
+        for sub in ("_work", "shards", "metadata", "rejected", "manifest.json", "report.html"):
             storage.remove_tree(storage.join(spec.output, sub))
     storage.write_json(storage.join(spec.output, "_work", "job.json"),
                        {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.dump()})
+    storage.write_json(storage.join(spec.output, "_work", "driver.json"),
+                       {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
     ray, ray_init_s = _init_ray(spec)
     limit = _concurrency(ray, spec)
     cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
@@ -152,11 +156,15 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
         shards = discover(spec.input)
 
     phases = plan_phases(spec.stages)
+    plan = {"shards": len(shards), "phases": [{"step": p.step_name, "label": p.label} for p in phases],
+            "emit_tasks": None}
+    storage.write_json(storage.join(spec.output, "_work", "plan.json"), plan)
     phase_task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_phase_and_commit)
     emit_task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_emit_and_commit)
     state_refs: dict[int, Any] = {}  # merged state of each global stage, for its apply
     scan_states: dict[int, Any] = {}  # state of a stage's previous scan pass
-    stage_facts: dict[str, dict] = {}
+    # Each stage's own facts (models, prompts, thresholds); a global stage's finalize adds more.
+    stage_facts: dict[str, dict] = {f"{i}:{st.name}": facts for i, st in enumerate(stages) if (facts := st.summary())}
     summaries: dict[int, list[dict]] = {}
     phase_times: list[dict] = []
 
@@ -184,7 +192,8 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
             if phase.scan_pass + 1 < type(stage).passes(stage.config):
                 scan_states[phase.scan] = state
             else:
-                stage_facts[f"{phase.scan}:{stage.name}"] = stage.finalize(state, spec.output) or {}
+                key = f"{phase.scan}:{stage.name}"
+                stage_facts[key] = {**stage_facts.get(key, {}), **(stage.finalize(state, spec.output) or {})}
                 state_refs[phase.scan] = ray.put(state)
         if not spec.emit.keep_work:  # work shards no later phase reads
             needed = {p.input_phase for p in phases[phase.index + 1 :]} | {phases[-1].index}
@@ -195,9 +204,12 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
     final = phases[-1]
     kept = [(work_path(spec.output, final.index, s.name), summ["kept"]) for s, summ in zip(shards, summaries[final.index])]
     tasks = plan_emit(kept, spec.emit.shard_size)
+    storage.write_json(storage.join(spec.output, "_work", "plan.json"), {**plan, "emit_tasks": len(tasks)})
     todo = [t for t in tasks if not ledger.committed("emit", t.name)]
     t0 = time.perf_counter()
-    _run_tasks(ray, emit_task, todo, lambda t: (spec.output, t), limit, "emit", count_rows=lambda r: r["samples"])
+    captions_from = CaptionPolicy(spec.emit.caption_policy, spec.emit.p_original, spec.seed)
+    _run_tasks(ray, emit_task, todo, lambda t: (spec.output, t, captions_from), limit, "emit",
+               count_rows=lambda r: r["samples"])
     emitted = [ledger.summary("emit", t.name) for t in tasks]
     phase_times.append({"phase": "emit", "seconds": round(time.perf_counter() - t0, 3), "shards": len(tasks),
                         "shards_run": len(todo), "samples": sum(e["samples"] for e in emitted)})
@@ -205,6 +217,7 @@ def run_job(spec: JobSpec, restart: bool = False) -> JobResult:
     manifest = build_manifest(spec, shards, summaries[final.index], emitted, stage_facts, phase_times,
                               ray_init_s=ray_init_s)
     storage.write_json(storage.join(spec.output, "manifest.json"), manifest)
+    _write_report(spec.output)
     if not spec.emit.keep_work:
         storage.remove_tree(storage.join(spec.output, "_work", f"p{final.index}"))
     return JobResult(spec.output, manifest, ray_init_s=ray_init_s, run_s=time.perf_counter() - t_start,
@@ -215,8 +228,19 @@ def _phase_and_commit(spec, phase, shard, applied: tuple, extras: dict, scan_sta
     return run_phase_shard(spec, phase, shard, dict(zip(applied, states)), scan_state, extras)
 
 
-def _emit_and_commit(output: str, task) -> dict:
-    result = write_emit_shard(output, task)
+def _write_report(output: str) -> None:
+    if "://" in output:
+        return  # the report reads local files; `pairsift report` can build it from a local copy
+    from pairsift.pipeline.report import build_report
+
+    try:
+        build_report(output)
+    except Exception as e:  # a report problem must not fail a finished job
+        log.warning("report.html not written: %s: %s", type(e).__name__, e)
+
+
+def _emit_and_commit(output: str, task, captions_from: CaptionPolicy | None = None) -> dict:
+    result = write_emit_shard(output, task, captions_from)
     Ledger(output).commit("emit", task.name, result)
     return result
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.stages import get_stage_class, stage_names
@@ -46,6 +46,8 @@ class InputSpec(_Strict):
     caption_column: str | None = None
     #: Parquet column holding encoded image bytes (plain binary, or a struct with ``bytes``).
     image_column: str = "image"
+    #: Parquet source columns carried into the rows as they are (e.g. precomputed embeddings).
+    keep_columns: list[str] = Field(default_factory=list)
     #: Samples per input shard where the input has no shards of its own (folders, URL lists).
     shard_size: int = Field(1000, ge=1)
     #: img2dataset settings for ``format: urls``.
@@ -70,6 +72,10 @@ class EmitSpec(_Strict):
     shard_size: int = Field(10000, ge=1)
     #: Keep the intermediate Parquet shards (with image bytes) after a successful job.
     keep_work: bool = False
+    #: What each sample's .txt holds: the original caption, the ``recaption`` column, or a
+    #: per-sample mix (the original with probability ``p_original``, by hash(seed, uid)).
+    caption_policy: Literal["original", "recaption", "mix"] = "original"
+    p_original: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class StageSpec(BaseModel):
@@ -122,6 +128,14 @@ class JobSpec(_Strict):
             out.append(StageSpec(name=name, config=config))
         return out
 
+    @model_validator(mode="after")
+    def _caption_policy_needs_recaptions(self) -> "JobSpec":
+        if self.emit.caption_policy != "original" and not any(
+                getattr(s.config, "output_column", None) == "recaption" for s in self.stages):
+            raise ValueError(f"emit.caption_policy: {self.emit.caption_policy!r} needs a stage writing the "
+                             f"'recaption' column (a recaption stage with output_column: recaption)")
+        return self
+
     def dump(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"stages"})
         d["stages"] = [s.dump() for s in self.stages]
@@ -134,6 +148,9 @@ class JobSpec(_Strict):
         d.pop("output")
         d.pop("ray")
         d["emit"].pop("keep_work", None)
+        if d["emit"].get("caption_policy") == "original":  # specs from before the policy existed
+            d["emit"].pop("caption_policy")
+            d["emit"].pop("p_original", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

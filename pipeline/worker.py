@@ -5,6 +5,7 @@ commit. Plain Python: the runner wraps it in a Ray task.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import ExitStack
 from collections import Counter
@@ -21,9 +22,15 @@ from pairsift.pipeline.plan import Phase
 from pairsift.pipeline.table import BASE_SCHEMA, live_mask, mark_dropped
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import Stage, StageContext
-from pairsift.stages.ingest import InputShard, read_shard
+from pairsift.stages.ingest import InputShard, input_schema, read_shard
 
 log = logging.getLogger("pairsift.worker")
+if os.environ.get("PAIRSIFT_LOG_LEVEL") and not log.handlers:  # inside a Ray worker
+    _h = logging.StreamHandler()
+    _h.setFormatter(logging.Formatter("%(asctime)s pairsift.worker[%(process)d] %(message)s"))
+    log.addHandler(_h)
+    log.setLevel(os.environ["PAIRSIFT_LOG_LEVEL"])
+    log.propagate = False
 
 BATCH_SIZE = 256
 _STAGES: dict[tuple, Stage] = {}
@@ -99,6 +106,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     ``scan_state`` what the previous pass merged, for a stage's second and later scans."""
     out = spec.output
     name = shard.name
+    log.info("phase %s [%s]: shard %s (%s) started", phase.index, phase.label, name, shard.path)
     timings: Counter = Counter()
     errors: list[str] = []
     source_errors: list[str] = []
@@ -106,6 +114,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     def steps(batch: pa.Table) -> pa.Table:
         for step in phase.steps:
             stage = get_stage(spec, step.stage, extras)
+            log.debug("shard %s: stage %s (%s) on %d rows", name, step.name, step.mode, batch.num_rows)
             t0 = time.perf_counter()
             if step.mode == "apply":
                 state = states[step.stage]
@@ -116,7 +125,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         return batch
 
     if phase.first:
-        in_schema = BASE_SCHEMA
+        in_schema = input_schema(shard, spec.input)  # BASE_SCHEMA + input.keep_columns
         batches = read_shard(shard, spec.input, BATCH_SIZE, source_errors)
     else:
         fs, p = storage.fs_path(work_path(out, phase.input_phase, name))
@@ -176,6 +185,9 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         if wrej is not None:
             wrej.close()
 
+    for step in phase.steps:  # the stages' own breakdown (decode / infer / ...)
+        for part, secs in get_stage(spec, step.stage, extras).take_timings().items():
+            timings[f"{step.name}.{part}"] += secs
     if live_in and errors and len(errors) >= live_in:
         raise JobError(f"every sample of shard {shard.path} failed in phase {phase.label}: {errors[0]}")
     partial = scan_stage.combine(partials) if scan_stage is not None else None
@@ -191,4 +203,5 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
     Ledger(out).commit(phase.step_name, name, summary, partial)
+    log.info("phase %s [%s]: shard %s committed: %d rows, %d kept", phase.index, phase.label, name, rows_in, kept)
     return summary

@@ -14,6 +14,7 @@ it creates first, so the retry succeeds.
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow as pa
 
@@ -28,6 +29,8 @@ class FaultConfig(StageConfig):
     kill_marker: str | None = None
     #: Injected failures happen only while this file exists (an outage the test ends).
     fail_while_exists: str | None = None
+    #: Seconds to sleep per batch: makes a job slow enough to interrupt.
+    delay_s: float = 0.0
 
 
 class FaultInjectionStage(Stage):
@@ -36,6 +39,8 @@ class FaultInjectionStage(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         c: FaultConfig = self.config
+        if c.delay_s and batch.num_rows:
+            time.sleep(c.delay_s)
         if c.fail_while_exists and not os.path.exists(c.fail_while_exists):
             return batch
         live = live_mask(batch)
