@@ -1,0 +1,286 @@
+"""Stage ``recaption``: new captions from a VLM or an LLM, next to the original alt text.
+
+Three recipes, one stage. ``caption``: a vision-language model describes the image
+(Recap-DataComp-1B, Li et al., "What If We Recaption Billions of Web Images with
+LLaMA-3?", 2024: LLaVA-1.5-LLaMA3-8B, greedy, 128 new tokens, their prompt by default).
+``rewrite``: an LLM rewrites the alt text by in-context learning from ``num_examples``
+``source => target`` pairs drawn from ``examples``, ``num_rewrites`` times with a fresh
+draw each (LaCLIP, Fan et al., "Improving CLIP Training with Language Rewrites", NeurIPS
+2023). ``fuse``: an LLM merges the alt text with a synthetic caption from ``fuse_column``
+(e.g. the output of an earlier ``caption`` pass) into one sentence that keeps the alt text's
+real-world knowledge (CapsFusion, Yu et al., CVPR 2024; likewise VeCLIP, Lai et al., 2023).
+Rule: every live row gets ``recaption`` (a string; a list of strings when
+``num_rewrites > 1``, failed rewrites left out), ``recaption_model`` (the model asked) and
+``recaption_error`` (why a generation failed or came back empty, else null); the column names
+follow ``output_column``. The original ``caption`` is never touched and no row is ever dropped:
+a failed generation keeps its sample with a null recaption. Every random choice (examples,
+sampling seeds) derives from hash(seed, uid, rewrite index). The backend (``openai``,
+``transformers``, ``vllm``; see :mod:`pairsift.stages.llm`) only changes how the requests are
+served. Emit's ``caption_policy`` decides which text goes into the training ``.txt``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pairsift.pipeline.errors import ConfigError
+from pairsift.pipeline.table import BASE_SCHEMA, live_mask, set_column
+from pairsift.stages.base import Stage, StageConfig
+from pairsift.stages.llm import Backend, GenRequest, derive_int
+from pairsift.stages.llm import prompts as P
+
+
+class RecaptionConfig(StageConfig):
+    mode: Literal["caption", "rewrite", "fuse"]
+    backend: Literal["vllm", "openai", "transformers"]
+    #: A Hugging Face id or local model folder (transformers, vllm), or the served model name (openai).
+    model: str
+    #: openai: the server's base URL, e.g. ``http://host:8000/v1``.
+    endpoint: str | None = None
+    #: openai: name of the environment variable holding the API key (none for local servers).
+    api_key_env: str | None = None
+    #: Prompt template (``{caption}``, ``{synthetic}``, ``{examples}``); null: the mode's paper's prompt.
+    prompt: str | None = None
+    #: rewrite: in-context examples, a list of {source, target} or a .json / .jsonl file of them.
+    examples: str | list[dict[str, str]] | None = None
+    #: rewrite: examples per prompt (LaCLIP used 3).
+    num_examples: int = Field(3, ge=0)
+    #: Generations per sample; more than 1 makes ``recaption`` a list<string>.
+    num_rewrites: int = Field(1, ge=1, le=32)
+    #: fuse: the column holding the synthetic caption to fuse with the alt text.
+    fuse_column: str | None = None
+    #: Where the result goes; ``<output_column>_model`` and ``<output_column>_error`` beside it.
+    output_column: str = "recaption"
+    #: Use the chat template / chat API (null: whenever the model or server has one).
+    chat: bool | None = None
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    #: Requests in flight per worker (openai: connection pool; transformers: batch size).
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+    #: The alt text and the fused caption are cut to this many characters in the prompt.
+    max_input_chars: int = Field(1000, ge=16)
+    #: transformers: ``from_pretrained`` arguments; vllm: ``vllm.LLM`` arguments.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    #: GPUs per worker (null: 1 for vllm, 1 for transformers when the cluster has GPUs, else 0).
+    num_gpus: float | None = Field(None, ge=0)
+    #: openai: ask the server in preflight whether it serves ``model``.
+    check_endpoint: bool = True
+
+
+def make_backend(c: RecaptionConfig, seed: int = 0) -> Backend:
+    """The configured backend, not yet loaded."""
+    if c.backend == "openai":
+        from pairsift.stages.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(c.model, c.endpoint, c.api_key_env, max_new_tokens=c.max_new_tokens,
+                             temperature=c.temperature, chat=c.chat, concurrency=c.concurrency,
+                             timeout_s=c.timeout_s, retries=c.retries, check_endpoint=c.check_endpoint)
+    if c.backend == "transformers":
+        from pairsift.stages.llm.transformers_backend import TransformersBackend
+
+        return TransformersBackend(c.model, vision=c.mode == "caption", max_new_tokens=c.max_new_tokens,
+                                   temperature=c.temperature, chat=c.chat, batch_size=c.concurrency,
+                                   model_kwargs=c.engine_args)
+    from pairsift.stages.llm.vllm_backend import VllmBackend
+
+    return VllmBackend(c.model, max_new_tokens=c.max_new_tokens, temperature=c.temperature, chat=c.chat,
+                       engine_args=c.engine_args, seed=seed)
+
+
+class RecaptionStage(Stage):
+    name = "recaption"
+    Config = RecaptionConfig
+
+    def __init__(self, config: RecaptionConfig, context=None):
+        super().__init__(config, context)
+        self.template = config.prompt if config.prompt is not None else P.DEFAULT_PROMPTS[config.mode]
+        self.backend: Backend | None = None
+        self._examples: list[P.Example] | None = None
+        self._generate_s = 0.0
+
+    # -- configuration -------------------------------------------------------------------
+    @property
+    def examples(self) -> list[P.Example]:
+        if self._examples is None:
+            self._examples = P.load_examples(self.config.examples)
+        return self._examples
+
+    def output_type(self) -> pa.DataType:
+        return pa.list_(pa.string()) if self.config.num_rewrites > 1 else pa.string()
+
+    def resources(self) -> dict[str, float]:
+        c: RecaptionConfig = self.config
+        if c.num_gpus is not None:
+            gpus = c.num_gpus
+        elif c.backend == "vllm":
+            gpus = float(c.engine_args.get("tensor_parallel_size", 1))
+        elif c.backend == "transformers":
+            gpus = 1.0 if self.context.extras.get("cluster", {}).get("GPU", 0) else 0.0
+        else:
+            gpus = 0.0
+        cluster = self.context.extras.get("cluster")
+        if gpus > 0 and cluster is not None and not cluster.get("GPU"):  # Ray would wait forever
+            raise ConfigError(f"recaption.num_gpus: the {c.backend} backend asks for {gpus:g} GPU(s) per worker "
+                              f"and the Ray cluster has none (backend: openai needs none)")
+        return {"num_cpus": self.num_cpus, "num_gpus": gpus}
+
+    def preflight(self) -> None:
+        c: RecaptionConfig = self.config
+        try:
+            P.check_template(self.template, c.mode)
+        except ValueError as e:
+            raise ConfigError(f"recaption.prompt: {e}") from None
+        if c.mode == "fuse" and not c.fuse_column:
+            raise ConfigError("recaption.fuse_column: fuse mode needs the column holding the caption to fuse "
+                              "with the alt text (e.g. the output_column of an earlier caption pass)")
+        if c.mode != "fuse" and c.fuse_column:
+            raise ConfigError("recaption.fuse_column: only fuse mode reads a second caption")
+        protected = set(BASE_SCHEMA.names)
+        for col in (c.output_column, f"{c.output_column}_model", f"{c.output_column}_error"):
+            if col in protected or col == c.fuse_column:
+                raise ConfigError(f"recaption.output_column: {c.output_column!r} would overwrite column {col!r}")
+        if c.examples is not None and c.mode != "rewrite":
+            raise ConfigError("recaption.examples: only rewrite mode uses in-context examples")
+        try:
+            pool = self.examples
+        except ValueError as e:
+            raise ConfigError(f"recaption.examples: {e}") from None
+        if c.num_rewrites > 1 and c.temperature == 0 and not (c.mode == "rewrite" and len(pool) > 1 and c.num_examples):
+            raise ConfigError(f"recaption.num_rewrites: {c.num_rewrites} greedy generations from one prompt are "
+                              f"identical; set temperature > 0 (or, in rewrite mode, give examples to draw from)")
+        if c.mode == "caption" and c.chat is False and c.backend != "transformers":
+            raise ConfigError("recaption.chat: caption mode sends images, which only the chat API carries")
+        make_backend(c, self.context.seed).check()
+
+    # -- running -------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.backend = make_backend(self.config, self.context.seed)
+        self.backend.load()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        c: RecaptionConfig = self.config
+        n = batch.num_rows
+        if c.mode == "fuse" and c.fuse_column not in batch.column_names:
+            raise KeyError(f"recaption.fuse_column: no column {c.fuse_column!r}; "
+                           f"an earlier stage must write it (e.g. recaption with output_column: {c.fuse_column})")
+        rows = np.flatnonzero(live_mask(batch)) if n else np.array([], dtype=int)
+        uids = batch.column("uid").to_pylist()
+        captions = batch.column("caption").to_pylist()
+        images = batch.column("image").to_pylist() if c.mode == "caption" and len(rows) else [None] * n
+        synthetic = batch.column(c.fuse_column).to_pylist() if c.mode == "fuse" else [None] * n
+
+        models: list[str | None] = [None] * n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        errors: list[list[str]] = [[] for _ in range(n)]
+        requests: list[GenRequest] = []
+        owners: list[tuple[int, int]] = []
+        for i in rows:
+            models[i] = c.model
+            syn = _first_text(synthetic[i])
+            problem = self._missing_input(captions[i], images[i], syn)
+            if problem:
+                errors[i].append(problem)
+                continue
+            for k in range(c.num_rewrites):
+                requests.append(self.request(uids[i], captions[i], images[i], syn, k))
+                owners.append((i, k))
+
+        if requests:
+            if self.backend is None:
+                self.setup()
+            first_line = c.mode != "caption" and not self.backend.uses_chat
+            t0 = time.perf_counter()
+            generations = self.backend.generate(requests)
+            self._generate_s += time.perf_counter() - t0
+            for (i, k), gen in zip(owners, generations):
+                label = f"rewrite {k}: " if c.num_rewrites > 1 else ""
+                if gen.error is not None:
+                    errors[i].append(label + gen.error)
+                    continue
+                text = P.clean_generation(gen.text, first_line)
+                if text:
+                    texts[i].append(text)
+                else:
+                    errors[i].append(label + "empty generation")
+
+        if c.num_rewrites > 1:
+            values: list = [t or None for t in texts]
+        else:
+            values = [t[0] if t else None for t in texts]
+        batch = set_column(batch, c.output_column, values, self.output_type())
+        batch = set_column(batch, f"{c.output_column}_model", models, pa.string())
+        return set_column(batch, f"{c.output_column}_error", ["; ".join(e) or None for e in errors], pa.string())
+
+    def take_timings(self) -> dict[str, float]:
+        """Seconds spent waiting for the backend since the last call (``recaption.generate``)."""
+        out, self._generate_s = {"generate": self._generate_s}, 0.0
+        return out
+
+    def _missing_input(self, caption: str | None, image: bytes | None, synthetic: str | None) -> str | None:
+        c: RecaptionConfig = self.config
+        if c.mode == "caption":
+            return None if image else "no image to caption"
+        if not caption or not caption.strip():
+            return f"no caption to {c.mode}"
+        if c.mode == "fuse" and not synthetic:
+            return f"no {c.fuse_column} to fuse"
+        return None
+
+    def request(self, uid: str, caption: str | None, image: bytes | None, synthetic: str | None,
+                k: int) -> GenRequest:
+        """Generation ``k`` of sample ``uid``: its prompt (examples drawn by hash(seed, uid,
+        k)), its image in caption mode, and its sampling seed."""
+        c: RecaptionConfig = self.config
+        seed = self.context.seed
+        examples = []
+        if c.mode == "rewrite" and c.num_examples:
+            examples = P.draw_examples(self.examples, c.num_examples, seed, uid, k)
+        prompt = P.render(self.template,
+                          caption=P.clip_text(caption, c.max_input_chars) if caption else None,
+                          synthetic=P.clip_text(synthetic, c.max_input_chars) if synthetic else None,
+                          examples=examples)
+        return GenRequest(prompt=prompt, image=image if c.mode == "caption" else None,
+                          seed=derive_int(seed, uid, k, "sample") % (2**31 - 1))
+
+    def summary(self) -> dict:
+        c: RecaptionConfig = self.config
+        facts = {
+            "mode": c.mode,
+            "backend": c.backend,
+            "model": c.model,
+            "endpoint": c.endpoint,
+            "prompt": self.template,
+            "prompt_sha256": P.prompt_sha256(self.template),
+            "chat": "auto" if c.chat is None else c.chat,
+            "max_new_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "num_rewrites": c.num_rewrites,
+            "columns": {"text": c.output_column, "model": f"{c.output_column}_model",
+                        "error": f"{c.output_column}_error", "type": str(self.output_type())},
+        }
+        if c.mode == "fuse":
+            facts["fuse_column"] = c.fuse_column
+        if c.mode == "rewrite":
+            pool = self.examples
+            facts["examples"] = {"source": c.examples if isinstance(c.examples, str) else ("inline" if pool else None),
+                                 "count": len(pool), "per_prompt": min(c.num_examples, len(pool)),
+                                 "sha256": P.examples_sha256(pool) if pool else None}
+        return facts
+
+
+def _first_text(value) -> str | None:
+    """The caption to fuse with: a string, or the first non-empty string of a list."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, str) and v.strip():
+                return v.strip()
+    return None
