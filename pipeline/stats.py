@@ -14,8 +14,8 @@ import duckdb
 from pairsift.pipeline.errors import ConfigError
 
 #: Numeric columns summarised when a job has them (later stages add theirs here).
-SCORE_COLUMNS = ("clip_score", "cotr", "cotr_fuzzy", "text_area", "metaclip_p", "centroid_distance",
-                 "width", "height")
+SCORE_COLUMNS = ("clip_score", "cotr", "cotr_fuzzy", "text_area", "ocr_boxes", "clip_text_drop", "metaclip_p",
+                 "centroid_distance", "width", "height")
 
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
@@ -62,6 +62,27 @@ def score_summaries(con: duckdb.DuckDBPyConnection) -> list[tuple]:
     return out
 
 
+def recaption_summaries(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    """Per recaption column (``X`` with ``X_model`` and ``X_error``) of the kept samples: how
+    many were asked, recaptioned and failed, the commonest failure, and the mean words of the
+    alt text and of the recaption (the first one, for lists of rewrites)."""
+    types = {r[0]: r[1] for r in con.execute("DESCRIBE samples").fetchall()}
+    out = []
+    for model_col in sorted(c for c in types if c.endswith("_model")):
+        col = model_col[: -len("_model")]
+        if col not in types or f"{col}_error" not in types:
+            continue
+        text = f"{col}[1]" if types[col].endswith("[]") else col
+        row = con.execute(
+            f"SELECT count({model_col}), count({col}), count({col}_error), "
+            f"avg(len(string_split(caption, ' '))), avg(len(string_split({text}, ' '))) FROM samples"
+        ).fetchone()
+        top = con.execute(f"SELECT split_part({col}_error, ':', 1) AS kind, count(*) AS n FROM samples "
+                          f"WHERE {col}_error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind LIMIT 1").fetchone()
+        out.append((col, row[0], row[1], row[2], f"{top[0]} ({top[1]:,})" if top else None, row[3], row[4]))
+    return out
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -98,6 +119,12 @@ def stats_text(output: str) -> str:
         parts.append("")
         parts.append("score summaries (kept samples):")
         parts.append(format_table(["column", "n", "min", "p10", "median", "mean", "p90", "max"], scores))
+    recaptions = recaption_summaries(con)
+    if recaptions:
+        parts.append("")
+        parts.append("recaptions (kept samples):")
+        parts.append(format_table(["column", "asked", "recaptioned", "failed", "top failure", "words alt",
+                                   "words new"], recaptions))
     return "\n".join(parts)
 
 
