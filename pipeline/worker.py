@@ -81,6 +81,19 @@ def _run_guarded(fn, batch: pa.Table, stage_name: str, errors: list[str]) -> pa.
         return pa.concat_tables(parts, promote_options="permissive")
 
 
+def _leaf_paths(name: str, t: pa.DataType) -> list[str]:
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaf_paths(f"{name}.list.element", t.value_type)
+    if pa.types.is_struct(t):
+        return [p for i in range(t.num_fields) for p in _leaf_paths(f"{name}.{t.field(i).name}", t.field(i).type)]
+    return [name]
+
+
+def _codecs(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every Parquet column but the image bytes, which are compressed already."""
+    return {p: ("NONE" if f.name == "image" else "ZSTD") for f in schema for p in _leaf_paths(f.name, f.type)}
+
+
 class _Aligner:
     """Casts every batch to one schema: the phase's schema probed on an empty batch."""
 
@@ -146,7 +159,8 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     with ExitStack() as stack:
         wkeep = wrej = None
         if phase.writes:
-            wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), schema, compression="zstd")
+            wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), schema,
+                                     compression=_codecs(schema))
         if phase.final:
             frej = stack.enter_context(storage.atomic_open(rejected_path(out, name)))
             wrej = pq.ParquetWriter(frej, rej_schema, compression="zstd")
