@@ -75,6 +75,11 @@ class Stage:
         """Small per-job facts for the manifest (model names, thresholds)."""
         return {}
 
+    def take_timings(self) -> dict[str, float]:
+        """Seconds spent in parts of ``process`` since the last call (e.g. decode, infer); the
+        worker adds them to the shard's timings as ``<stage>.<part>`` and resets them."""
+        return {}
+
 
 class GlobalStage(Stage):
     """A stage that needs the whole pool: ``process`` (its map part, identity by default)

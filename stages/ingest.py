@@ -88,6 +88,13 @@ def discover(input_spec) -> list[InputShard]:
     if fmt == "webdataset":
         _, _, files = _list_files(input_spec.path, TAR_SUFFIXES)
         return [InputShard(i, "tar", f, rel) for i, (f, rel) in enumerate(files)]
+    keep = list(getattr(input_spec, "keep_columns", None) or [])
+    if keep and fmt != "parquet":
+        raise ConfigError(f"input.keep_columns: only Parquet input carries extra columns (input.format is {fmt!r})")
+    taken = [c for c in keep if c in BASE_SCHEMA.names]
+    if taken:
+        raise ConfigError(f"input.keep_columns: {', '.join(map(repr, taken))} would replace the row column(s) "
+                          f"of the same name; rename them in the source")
     if fmt == "parquet":
         _, _, files = _list_files(input_spec.path, (".parquet",))
         for f, _ in files:
@@ -112,6 +119,10 @@ def _check_parquet_columns(path: str, input_spec) -> None:
         except Exception as e:
             raise ConfigError(f"input.path: {path} is not a readable Parquet file: {e}") from None
     caption = input_spec.caption_field
+    kept = [c for c in (getattr(input_spec, "keep_columns", None) or []) if c not in names]
+    if kept:
+        raise ConfigError(f"input.keep_columns: {path} lacks column(s) {', '.join(map(repr, kept))}; it has "
+                          f"{', '.join(names)}")
     missing = [c for c in (input_spec.image_column, caption) if c not in names]
     if missing:
         hint = ""
@@ -129,11 +140,15 @@ def _check_parquet_columns(path: str, input_spec) -> None:
 class _RowBuffer:
     """Collects rows and hands them out as Arrow batches of the base schema."""
 
-    def __init__(self, shard: InputShard, batch_size: int):
+    def __init__(self, shard: InputShard, batch_size: int, extra: pa.Schema | None = None):
         self.shard = shard
         self.batch_size = batch_size
         self.rows: dict[str, list] = {f.name: [] for f in BASE_SCHEMA}
         self.seen: dict[str, int] = {}
+        #: Source columns carried as they are (``input.keep_columns``): Arrow chunks that the
+        #: caller appends with ``extend_extra`` in step with ``add``.
+        self.extra = extra
+        self.extra_chunks: list[pa.Table] = []
 
     def add(self, key: str, image: bytes | None, caption: str | None, url: str | None = None,
             reason: str | None = None, source: str | None = None, uid_source: str | None = None) -> None:
@@ -157,11 +172,19 @@ class _RowBuffer:
     def full(self) -> bool:
         return len(self.rows["uid"]) >= self.batch_size
 
+    def extend_extra(self, columns: pa.Table) -> None:
+        self.extra_chunks.append(columns)
+
     def flush(self) -> pa.Table | None:
         if not self.rows["uid"]:
             return None
         t = pa.table({k: pa.array(v, type=BASE_SCHEMA.field(k).type) for k, v in self.rows.items()}, schema=BASE_SCHEMA)
         self.rows = {f.name: [] for f in BASE_SCHEMA}
+        if self.extra is not None and len(self.extra):
+            extra = pa.concat_tables(self.extra_chunks).cast(self.extra)
+            self.extra_chunks = []
+            for f in self.extra:
+                t = t.append_column(f, extra.column(f.name))
         return t
 
 
@@ -255,17 +278,37 @@ def _image_bytes(value) -> bytes | None:
     return value
 
 
+def _kept_fields(schema: pa.Schema, input_spec) -> pa.Schema:
+    keep = getattr(input_spec, "keep_columns", None) or []
+    return pa.schema([schema.field(c) for c in keep])
+
+
+def input_schema(shard: InputShard, input_spec) -> pa.Schema:
+    """The schema of the rows ``read_shard`` yields for ``shard``: the base schema, plus the
+    ``input.keep_columns`` of a Parquet source with their types there."""
+    if shard.kind != "parquet" or not getattr(input_spec, "keep_columns", None):
+        return BASE_SCHEMA
+    with fsspec.open(shard.path, "rb") as f:
+        extra = _kept_fields(pq.ParquetFile(f).schema_arrow, input_spec)
+    return pa.schema(list(BASE_SCHEMA) + list(extra))
+
+
 def read_parquet(shard: InputShard, input_spec, batch_size: int, errors: list[str]) -> Iterator[pa.Table]:
-    """Parquet with an image-bytes column and a caption column; key = row number."""
-    buf = _RowBuffer(shard, batch_size)
+    """Parquet with an image-bytes column and a caption column; key = row number.
+    ``input.keep_columns`` are carried into the rows with their types."""
     caption_col = input_spec.caption_field
     columns = [input_spec.image_column, caption_col]
     with fsspec.open(shard.path, "rb") as f:
         pf = pq.ParquetFile(f)
+        extra = _kept_fields(pf.schema_arrow, input_spec)
+        buf = _RowBuffer(shard, batch_size, extra)
         if input_spec.url_column in pf.schema_arrow.names:
             columns.append(input_spec.url_column)
         row = 0
-        for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+        for rb in pf.iter_batches(batch_size=batch_size, columns=list(dict.fromkeys(columns + extra.names))):
+            if len(extra):
+                buf.extend_extra(pa.Table.from_batches([rb]).select(extra.names))
+                rb = rb.select([c for c in dict.fromkeys(columns)])
             d = rb.to_pydict()
             urls = d.get(input_spec.url_column, [None] * rb.num_rows)
             for img, cap, url in zip(d[input_spec.image_column], d[caption_col], urls):

@@ -1,0 +1,67 @@
+"""Run a global stage in-process the way the runner does, over shards given as lists of
+batches: for each pass, ``scan_pass`` per batch, ``combine`` per shard, ``merge_pass`` over the
+shards (with the previous pass's state), then ``finalize`` and ``apply`` per batch. Partials
+go through pickle as they do through the ledger."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pyarrow as pa
+
+from pairsift.pipeline.table import BASE_SCHEMA
+
+
+def base_rows(uids: list[str], extra: dict[str, pa.Array] | None = None, dropped: set[str] = frozenset()) -> pa.Table:
+    """Rows of the base schema (tiny fake image bytes) plus ``extra`` columns."""
+    n = len(uids)
+    cols = {
+        "uid": pa.array(uids, pa.string()),
+        "key": pa.array(uids, pa.string()),
+        "source": pa.array(["synthetic"] * n, pa.string()),
+        "url": pa.nulls(n, pa.string()),
+        "caption": pa.array([f"caption {u}" for u in uids], pa.string()),
+        "image": pa.array([None if u in dropped else b"img" for u in uids], pa.binary()),
+        "drop_reason": pa.array(["earlier" if u in dropped else None for u in uids], pa.string()),
+        "drop_stage": pa.array(["earlier" if u in dropped else None for u in uids], pa.string()),
+    }
+    table = pa.table(cols, schema=BASE_SCHEMA)
+    for name, arr in (extra or {}).items():
+        table = table.append_column(name, arr)
+    return table
+
+
+def embedding_array(x: np.ndarray, fixed: bool = False) -> pa.Array:
+    """float16/32 rows as list<float> (or fixed_size_list) Arrow array."""
+    flat = pa.array(np.ascontiguousarray(x).reshape(-1))
+    if fixed:
+        return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+    offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def split(table: pa.Table, shard_sizes: list[int], batch_size: int) -> list[list[pa.Table]]:
+    """Cut ``table`` into shards of the given sizes, each into batches of ``batch_size``."""
+    assert sum(shard_sizes) == table.num_rows
+    shards, start = [], 0
+    for size in shard_sizes:
+        shard = table.slice(start, size)
+        shards.append([shard.slice(b, batch_size) for b in range(0, size, batch_size)] or [shard.slice(0, 0)])
+        start += size
+    return shards
+
+
+def drive(stage, shards: list[list[pa.Table]], output: str | None = None) -> tuple[object, pa.Table, dict]:
+    """(final state, the applied rows of every shard concatenated, finalize's facts)."""
+    state = None
+    for p in range(type(stage).passes(stage.config)):
+        partials = []
+        for batches in shards:
+            part = stage.combine([stage.scan_pass(b, p, state) for b in batches])
+            partials.append(pickle.loads(pickle.dumps(part)))
+        state = stage.merge_pass(partials, p, state)
+    facts = stage.finalize(state, output or stage.context.output)
+    state = pickle.loads(pickle.dumps(state))
+    out = [stage.apply(b, state) for batches in shards for b in batches]
+    return state, pa.concat_tables(out, promote_options="permissive"), facts

@@ -1,0 +1,212 @@
+"""Stage concept_prune (DBP): budgets from cluster complexity, the hardest members kept,
+exact and independent of sharding; one end-to-end job with semdedup before it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import make_job
+from global_driver import base_rows, drive, embedding_array, split
+from pairsift.stages.base import StageContext
+from pairsift.stages.concept_prune import ConceptPruneConfig, ConceptPruneStage, water_fill
+
+SPREADS = (0.02, 0.02, 0.02, 0.09, 0.09, 0.09)  # three tight concepts, three spread-out ones
+
+
+def _sphere_clusters(per_cluster=300, d=48, seed=0, spreads=SPREADS):
+    """Points around well-separated unit centres with a known spread each, shuffled."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.standard_normal((d, d)))[0][: len(spreads)]  # orthonormal
+    xs, truth = [], []
+    for j, s in enumerate(spreads):
+        xs.append(centres[j] + rng.standard_normal((per_cluster, d)) * s)
+        truth += [j] * per_cluster
+    x = np.concatenate(xs)
+    perm = rng.permutation(len(x))
+    return x[perm].astype(np.float16), np.asarray(truth)[perm]
+
+
+def _stage(tmp_path, seed=0, **cfg):
+    cfg = {"clusters": 6, "keep_fraction": 0.5, "neighbours": 3, "kmeans_sample": 1000, **cfg}
+    return ConceptPruneStage(ConceptPruneConfig(**cfg), StageContext(seed=seed, output=str(tmp_path)))
+
+
+def _kept(out: pa.Table) -> np.ndarray:
+    return pc.is_null(out.column("drop_reason")).to_numpy(zero_copy_only=False)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_water_fill_caps_redistributes_and_sums_exactly():
+    # cluster 0 wants 42 of 60 but has 10: its surplus goes 2:1 to the others (33.3 / 16.7)
+    assert water_fill(np.array([0.7, 0.2, 0.1]), np.array([10, 100, 100]), 60, np.zeros(3)).tolist() == [10, 33, 17]
+    # floors lift the small shares, the rest is shared in proportion
+    b = water_fill(np.array([0.9, 0.05, 0.05]), np.array([100, 100, 100]), 90, np.array([20, 20, 20]))
+    assert b.tolist() == [50, 20, 20]
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        k = int(rng.integers(1, 40))
+        sizes = rng.integers(0, 50, k)
+        shares = rng.dirichlet(np.ones(k)) * (sizes > 0)
+        shares = shares / shares.sum() if shares.sum() else shares
+        total = int(rng.integers(0, sizes.sum() + 1))
+        floors = np.where(sizes > 0, int(rng.uniform(0, 1) * total / max(1, (sizes > 0).sum())), 0)
+        b = water_fill(shares, sizes, total, floors)
+        assert b.sum() == total
+        assert (b <= sizes).all() and (b >= np.minimum(floors, sizes)).all()
+        free = (b > np.minimum(floors, sizes)) & (b < sizes)  # neither floored nor capped
+        if free.any():  # those are within one unit of one common λ·share
+            p = shares[free]
+            assert ((b[free] - 1) / p).max() <= ((b[free] + 1) / p).min() + 1e-9
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_spread_out_clusters_get_larger_budgets_and_their_hardest_members_are_kept(tmp_path):
+    x, truth = _sphere_clusters()
+    n = len(x)
+    uids = [f"{i:06x}" for i in range(n)]
+    emb = embedding_array(x)
+    # a row dropped before and one without an embedding are left as they are
+    emb = pa.array([None if i == 7 else v for i, v in enumerate(emb.to_pylist())], emb.type)
+    table = base_rows(uids, {"image_emb": emb}, dropped={uids[3]})
+    state, out, facts = drive(_stage(tmp_path, min_cluster_share=0.0), split(table, [n], 256))
+    pool = n - 2
+    assert facts["pool"] == pool and facts["kept"] == round(0.5 * pool)
+    clusters = pq.read_table(tmp_path / "concept_prune" / "clusters.parquet").to_pandas()
+    assert clusters["budget"].sum() == round(0.5 * pool) and clusters["size"].sum() == pool
+    assert (clusters["kept"] == clusters["budget"]).all()
+    # k-means found the six concepts; map them to the known spreads
+    cid = out.column("cluster_id").to_numpy(zero_copy_only=False)
+    live = ~np.isin(np.arange(n), [3, 7])
+    spread_of = {int(c): SPREADS[np.bincount(truth[live & (cid == c)]).argmax()] for c in range(6)}
+    assert sorted(spread_of.values()) == sorted(SPREADS)
+    clusters["spread"] = clusters["cluster_id"].map(spread_of)
+    tight, wide = clusters[clusters.spread < 0.05], clusters[clusters.spread > 0.05]
+    assert wide["d_intra"].min() > 2 * tight["d_intra"].max()
+    assert wide["budget"].min() > tight["budget"].max()
+    assert wide["budget"].sum() > 0.8 * clusters["budget"].sum()
+    # exactly the budget per cluster, and the kept ones are the farthest from their centroid
+    kept = _kept(out)
+    dist = out.column("centroid_distance").to_numpy(zero_copy_only=False)
+    assert kept.sum() == round(0.5 * pool) + 2 - 1  # + the row with no embedding (row 3 was dropped)
+    for c, budget in zip(clusters["cluster_id"], clusters["budget"]):
+        members = live & (cid == c)
+        assert (kept & members).sum() == budget
+        if 0 < budget < members.sum():
+            assert dist[kept & members].min() >= dist[~kept & members].max()
+    reasons = out.column("drop_reason").to_pylist()
+    assert reasons[3] == "earlier" and reasons[7] is None
+    assert out.column("cluster_id")[7].as_py() is None and out.column("cluster_id")[3].as_py() is None
+    assert set(r for r in reasons if r) == {"earlier", "concept_prune"}
+
+
+def test_min_cluster_share_floors_the_simple_clusters(tmp_path):
+    x, _ = _sphere_clusters(per_cluster=200, seed=2)
+    table = base_rows([f"{i:06x}" for i in range(len(x))], {"image_emb": embedding_array(x, fixed=True)})
+    state, out, _ = drive(_stage(tmp_path, min_cluster_share=0.8), split(table, [len(x)], 256))
+    budgets = state["clusters"].column("budget").to_numpy()
+    floor = int(0.8 * 600 / 6)
+    assert budgets.sum() == 600 and budgets.min() == floor
+    assert _kept(out).sum() == 600
+
+
+@pytest.mark.parametrize("keep_fraction, kept_far", [(0.5, 20), (0.8, 50)])
+def test_ties_at_the_cut_go_to_the_smaller_uid(tmp_path, keep_fraction, kept_far):
+    # one cluster: 30 copies of a far point and 70 copies of a near one; the cut falls among the
+    # near copies (all at the same distance), so exactly the smallest uids of them are kept
+    far, near = np.eye(8)[0], np.eye(8)[1]
+    x = np.array([far] * 30 + [near] * 70, np.float32)
+    uids = [f"{i:03d}" for i in range(100)]
+    order = np.random.default_rng(3).permutation(100)
+    table = base_rows([uids[i] for i in order], {"image_emb": embedding_array(x[order])})
+    state, out, _ = drive(_stage(tmp_path, clusters=1, keep_fraction=keep_fraction), split(table, [40, 60], 16))
+    kept = {u for u, k in zip(out.column("uid").to_pylist(), _kept(out)) if k}
+    assert kept == set(uids[:30]) | set(uids[30 : 30 + kept_far])
+
+
+def test_deterministic_and_invariant_to_sharding(tmp_path):
+    x, _ = _sphere_clusters(per_cluster=250, seed=4)
+    table = base_rows([f"{i:06x}" for i in range(len(x))], {"image_emb": embedding_array(x)})
+    results = []
+    for sizes, batch in (([1500], 256), ([1, 499, 0, 700, 300], 64), ([1500], 256)):
+        state, out, _ = drive(_stage(tmp_path, kmeans_sample=700), split(table, sizes, batch))
+        results.append((out.sort_by("uid"), state["clusters"]))
+    for out, clusters in results[1:]:
+        assert out.equals(results[0][0])
+        assert clusters.equals(results[0][1])
+
+
+def test_apply_on_an_empty_batch_gives_typed_columns(tmp_path):
+    x, _ = _sphere_clusters(per_cluster=20, seed=5)
+    table = base_rows([f"{i:06x}" for i in range(len(x))], {"image_emb": embedding_array(x)})
+    stage = _stage(tmp_path, clusters=3)
+    state, _, _ = drive(stage, split(table, [len(x)], 64))
+    empty = stage.apply(table.slice(0, 0), state)
+    assert empty.schema.field("cluster_id").type == pa.int32()
+    assert empty.schema.field("centroid_distance").type == pa.float32()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (i % 256, (i * 7) % 256, (i * 13) % 256)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_job_semdedup_then_concept_prune_from_parquet_embeddings(ray_session, tmp_path):
+    from pairsift.pipeline.runner import run_job
+
+    x, _ = _sphere_clusters(per_cluster=60, d=64, seed=6, spreads=(0.12, 0.12, 0.25, 0.25))
+    x[:10] = x[10:20]  # ten exact embedding duplicates
+    src = tmp_path / "pool"
+    src.mkdir()
+    for f in range(3):
+        rows = range(f * 80, (f + 1) * 80)
+        pq.write_table(pa.table({
+            "image": pa.array([_png(i) for i in rows], pa.binary()),
+            "caption": pa.array([f"a picture {i}" for i in rows]),
+            "image_emb": embedding_array(x[f * 80 : (f + 1) * 80]),
+        }), src / f"part{f}.parquet")
+    out = tmp_path / "out"
+    stages = [{"semdedup": {"clusters": 4, "kmeans_sample": 1000}},
+              {"concept_prune": {"clusters": 4, "keep_fraction": 0.5, "neighbours": 2, "kmeans_sample": 1000}}]
+    run_job(make_job(src, out, stages=stages, fmt="parquet", input={"keep_columns": ["image_emb"]}))
+    kept = pq.read_table(out / "metadata")
+    rejected = pq.read_table(out / "rejected")
+    assert kept.num_rows + rejected.num_rows == 240
+    assert len(set(kept.column("uid").to_pylist()) | set(rejected.column("uid").to_pylist())) == 240
+    reasons = rejected.column("drop_reason").to_pylist()
+    assert reasons.count("semdedup") == 10
+    assert kept.num_rows == 115  # half of the 230 left after semdedup
+    assert kept.schema.field("image_emb").type == pa.list_(pa.float16())
+    assert kept.column("cluster_id").null_count == 0
+    clusters = pq.read_table(out / "concept_prune" / "clusters.parquet")
+    assert pc.sum(clusters.column("budget")).as_py() == 115
+    assert pq.read_table(out / "semdedup" / "clusters.parquet").column("duplicates").to_pylist().count(0) >= 1
+    facts = json.loads((out / "manifest.json").read_text())["stage_facts"]
+    assert facts["0:semdedup"]["duplicates"] == 10 and facts["0:semdedup"]["pool"] == 240
+    assert facts["1:concept_prune"]["pool"] == 230 and facts["1:concept_prune"]["kept"] == 115
+    assert not list((out / "_work").glob("semdedup-0/spill-*"))  # spill files removed at finalize
+
+
+def test_a_pool_without_usable_embeddings_passes_through(tmp_path):
+    x = np.zeros((20, 8), np.float16)  # no direction: not clusterable
+    uids = [f"{i:03d}" for i in range(20)]
+    table = base_rows(uids, {"image_emb": embedding_array(x)}, dropped={"000"})
+    state, out, facts = drive(_stage(tmp_path), split(table, [10, 10], 4))
+    assert facts["pool"] == 0 and facts["clusters"] == 0
+    assert out.column("drop_reason").to_pylist().count(None) == 19
+    assert out.column("cluster_id").null_count == 20

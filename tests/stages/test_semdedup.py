@@ -1,0 +1,160 @@
+"""Stage semdedup: near-duplicates within a cluster go, the member farthest from the centroid
+stays, distinct samples stay; the same for any sharding and any tiling of the pairwise work."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from global_driver import base_rows, drive, embedding_array, split
+from pairsift.stages import clustering, semdedup
+from pairsift.stages.base import StageContext
+from pairsift.stages.clustering import assign, normalise
+from pairsift.stages.semdedup import SemDedupConfig, SemDedupStage
+
+
+def _unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _pool(seed=0, d=64):
+    """600 distinct points, 50 near-duplicates of the first 50 (cosine ~0.995) and 30 points
+    similar to the next 30 but not duplicates (cosine ~0.85)."""
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((600, d)))
+    near = _unit(base[:50] + _unit(rng.standard_normal((50, d))) * 0.1)
+    similar = _unit(base[50:80] + _unit(rng.standard_normal((30, d))) * 0.62)
+    x = np.concatenate([base, near, similar]).astype(np.float16)
+    uids = [f"b{i:04d}" for i in range(600)] + [f"n{i:04d}" for i in range(50)] + [f"s{i:04d}" for i in range(30)]
+    return x, uids
+
+
+def _stage(tmp_path, **cfg):
+    cfg = {"clusters": 8, "eps": 0.07, "kmeans_sample": 2000, **cfg}
+    return SemDedupStage(SemDedupConfig(**cfg), StageContext(seed=0, output=str(tmp_path)))
+
+
+def _dropped(out: pa.Table) -> dict[str, str]:
+    rej = out.filter(pc.equal(out.column("drop_reason"), "semdedup"))
+    return dict(zip(rej.column("uid").to_pylist(), rej.column("near_dup_of").to_pylist()))
+
+
+def _reference(x: np.ndarray, uids: list[str], centroids: np.ndarray, eps: float) -> dict[str, str]:
+    """The paper's rule computed densely: per cluster, sort by distance to the centroid
+    descending, drop j when max_{i<j} sim(i, j) > 1 - eps."""
+    xu = normalise(x)
+    cl, dist = assign(xu, centroids)
+    out = {}
+    for c in np.unique(cl):
+        idx = np.flatnonzero(cl == c)
+        idx = idx[np.lexsort((np.asarray(uids)[idx], -dist[idx].astype(np.float64)))]
+        sims = xu[idx] @ xu[idx].T
+        for j in range(1, len(idx)):
+            i = int(np.argmax(sims[:j, j]))
+            if sims[i, j] > 1 - eps:
+                out[uids[idx[j]]] = uids[idx[i]]
+    return out
+
+
+def test_near_duplicates_go_distinct_samples_stay_and_the_member_farthest_from_the_centroid_is_kept(tmp_path):
+    x, uids = _pool()
+    table = base_rows(uids, {"image_emb": embedding_array(x)})
+    state, out, facts = drive(_stage(tmp_path), split(table, [680], 256))
+    dropped = _dropped(out)
+    assert len(dropped) == 50 and facts["duplicates"] == 50 and facts["pool"] == 680
+    pairs = {f"b{i:04d}": f"n{i:04d}" for i in range(50)}
+    for b, n in pairs.items():  # exactly one of each pair, pointing at the other
+        assert (b in dropped) != (n in dropped)
+        assert dropped[b] == n if b in dropped else dropped[n] == b
+    assert not any(u.startswith("s") or u in {f"b{i:04d}" for i in range(50, 600)} for u in dropped)
+    # the kept one is the less similar to its centroid
+    cl, dist = assign(normalise(x), state["centroids"])
+    at = {u: i for i, u in enumerate(uids)}
+    for u, of in dropped.items():
+        assert cl[at[u]] == cl[at[of]]
+        assert dist[at[of]] > dist[at[u]] or (dist[at[of]] == dist[at[u]] and of < u)
+    sims = out.column("near_dup_similarity").to_numpy(zero_copy_only=False)
+    assert np.nanmin(sims) > 0.93 and np.isnan(sims[np.asarray([u not in dropped for u in out.column("uid").to_pylist()])]).all()
+    assert dropped == _reference(x, uids, state["centroids"], 0.07)
+
+
+def test_an_earlier_duplicate_counts_even_when_it_is_dropped_itself(tmp_path):
+    # a, b, c on one great circle away from the bulk's centre: a~b and b~c (cos 0.95), a and c
+    # not (cos 0.81). Farthest first is a, b, c: a stays, b goes (like a), c goes (like b).
+    rng = np.random.default_rng(1)
+    d = 64
+    e = np.eye(d)
+    beta = np.arccos(0.95)
+    a, b, c = (np.cos(k * beta) * e[0] + np.sin(k * beta) * e[1] for k in (3, 2, 1))
+    bulk = _unit(e[0] + np.concatenate([np.zeros((200, 3)), rng.standard_normal((200, d - 3)) * 0.1], axis=1))
+    x = np.vstack([a, b, c, bulk]).astype(np.float32)
+    uids = ["a", "b", "c"] + [f"x{i:03d}" for i in range(200)]
+    _, out, _ = drive(_stage(tmp_path, clusters=1), split(base_rows(uids, {"image_emb": embedding_array(x)}), [203], 64))
+    assert _dropped(out) == {"b": "a", "c": "b"}
+
+
+def test_deterministic_invariant_to_sharding_and_to_the_tiling(tmp_path, monkeypatch):
+    x, uids = _pool(seed=2)
+    order = np.random.default_rng(3).permutation(len(uids))
+    table = base_rows([uids[i] for i in order], {"image_emb": embedding_array(x[order], fixed=True)},
+                      dropped={uids[order[5]]})
+    stage = _stage(tmp_path, kmeans_sample=300)
+    results = [drive(stage, split(table, [680], 256))[1]]
+    results.append(drive(stage, split(table, [1, 300, 0, 250, 129], 64))[1])
+    monkeypatch.setattr(semdedup, "GATHER_ROWS", 40)  # many cluster ranges, several tiles per cluster
+    monkeypatch.setattr(clustering, "PAIR_BLOCK", 16)
+    results.append(drive(stage, split(table, [400, 280], 100))[1])
+    first, resharded, retiled = (r.sort_by("uid") for r in results)
+    assert resharded.equals(first)
+    # other tiles, other float rounding in the similarity reported; the same decisions
+    sim = "near_dup_similarity"
+    assert retiled.drop_columns([sim]).equals(first.drop_columns([sim]))
+    np.testing.assert_allclose(retiled.column(sim).to_numpy(zero_copy_only=False),
+                               first.column(sim).to_numpy(zero_copy_only=False), atol=1e-6)
+    assert first.column("drop_reason").to_pylist().count("earlier") == 1
+    assert 40 <= first.column("drop_reason").to_pylist().count("semdedup") <= 50
+
+
+def test_spill_files_are_removed_and_a_rerun_merges_from_the_cached_decisions(tmp_path):
+    x, uids = _pool(seed=4)
+    table = base_rows(uids, {"image_emb": embedding_array(x)})
+    stage = _stage(tmp_path)
+    shards = split(table, [300, 380], 128)
+    state = None
+    partials = {}
+    for p in range(3):
+        partials[p] = [stage.combine([stage.scan_pass(b, p, state) for b in bs]) for bs in shards]
+        state = stage.merge_pass(partials[p], p, state)
+    work = tmp_path / "_work" / "semdedup-0"
+    assert len(list(work.glob("spill-*.parquet"))) == 2
+    stage.finalize(state, str(tmp_path))
+    assert not list(work.glob("spill-*.parquet")) and list(work.glob("decisions-*.parquet"))
+    assert (tmp_path / "semdedup" / "clusters.parquet").exists()
+    again = stage.merge_pass(partials[2], 2, stage.merge_pass(partials[1], 1, stage.merge_pass(partials[0], 0, None)))
+    assert again["uids"].tolist() == state["uids"].tolist() and len(state["uids"]) == 50
+
+
+def test_apply_on_an_empty_batch_and_rows_without_embeddings(tmp_path):
+    x, uids = _pool(seed=5)
+    emb = embedding_array(x)
+    emb = pa.array([None if i == 0 else v for i, v in enumerate(emb.to_pylist())], emb.type)  # b0000 has none
+    table = base_rows(uids, {"image_emb": emb})
+    stage = _stage(tmp_path)
+    state, out, _ = drive(stage, split(table, [680], 256))
+    assert "b0000" not in _dropped(out) and "n0000" not in _dropped(out)  # its twin has no one to match
+    assert len(_dropped(out)) == 49
+    empty = stage.apply(table.slice(0, 0), state)
+    assert empty.schema.field("near_dup_of").type == pa.string()
+    assert empty.schema.field("near_dup_similarity").type == pa.float32()
+    assert os.path.basename(stage.work_dir) == "semdedup-0"
+
+
+def test_a_pool_without_usable_embeddings_passes_through(tmp_path):
+    uids = [f"{i:03d}" for i in range(20)]
+    table = base_rows(uids, {"image_emb": embedding_array(np.zeros((20, 8), np.float32))}, dropped={"000"})
+    _, out, facts = drive(_stage(tmp_path), split(table, [10, 10], 4))
+    assert facts["pool"] == 0 and facts["duplicates"] == 0
+    assert out.column("drop_reason").to_pylist().count(None) == 19
