@@ -125,7 +125,37 @@ def stats_text(output: str) -> str:
         parts.append("recaptions (kept samples):")
         parts.append(format_table(["column", "asked", "recaptioned", "failed", "top failure", "words alt",
                                    "words new"], recaptions))
+    parts.extend(metaclip_section(con, output))
     return "\n".join(parts)
+
+
+def metaclip_section(con: duckdb.DuckDBPyConnection, output: str) -> list[str]:
+    """Head/tail of MetaCLIP entry counts before and after balancing, when the job ran the
+    ``metaclip`` stage (``OUT/metaclip/entry_counts.parquet``)."""
+    path = os.path.join(output, "metaclip", "entry_counts.parquet")
+    if not os.path.isfile(path):
+        return []
+    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    if "metaclip_entries" not in cols:
+        return []
+    lang = "metaclip_lang" if "metaclip_lang" in cols else "NULL::VARCHAR"
+    src = "'" + path.replace("'", "''") + "'"
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW metaclip_counts AS
+        WITH k AS (SELECT {lang} AS language, unnest(metaclip_entries) AS entry_id FROM samples),
+             kc AS (SELECT language, entry_id, count(*) AS kept FROM k GROUP BY ALL)
+        SELECT e.*, coalesce(kc.kept, 0) AS kept FROM read_parquet({src}) e LEFT JOIN kc
+        ON e.entry_id = kc.entry_id AND e.language IS NOT DISTINCT FROM kc.language""")
+    per_lang = con.execute("""
+        SELECT coalesce(language, 'all'), any_value(t), count(*), count(*) FILTER (WHERE count > 0),
+               count(*) FILTER (WHERE count >= t), sum(count), sum(count) FILTER (WHERE count < t) / sum(count),
+               sum(kept), max(kept) FILTER (WHERE count >= t)
+        FROM metaclip_counts GROUP BY 1 ORDER BY sum(count) DESC""").fetchall()
+    top = con.execute("""SELECT coalesce(language, 'all'), entry, count, p, kept FROM metaclip_counts
+                         ORDER BY count DESC, entry LIMIT 10""").fetchall()
+    return ["", "MetaCLIP entry counts (metaclip/entry_counts.parquet; kept = matches among kept samples):",
+            format_table(["language", "t", "entries", "matched", "head entries", "matches", "tail share",
+                          "kept matches", "max kept (head)"], per_lang),
+            "", "most matched entries:", format_table(["language", "entry", "count", "p", "kept"], top)]
 
 
 def print_stats(output: str) -> None:

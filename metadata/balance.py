@@ -1,0 +1,60 @@
+"""MetaCLIP's balancing arithmetic: entry counts -> entry probabilities -> a kept draw.
+
+"Demystifying CLIP Data" (Xu et al. 2023): an entry matched by ``count_e`` captions gets
+probability ``p_e = 1`` if ``count_e < t`` else ``t / count_e``; a caption is kept with
+probability ``1 - prod(1 - p_e)`` over the entries it matches (0 if none). ``t`` can be
+chosen from a tail share (the share of all matches held by entries below ``t``); MetaCLIP 2
+transfers English ``t`` to every language through that share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def t_to_p(counts: np.ndarray, t: float) -> float:
+    """Share of all matches held by entries whose count is below ``t``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    return float(counts[counts < t].sum() / total) if total > 0 else 0.0
+
+
+def p_to_t(counts: np.ndarray, p: float) -> int:
+    """The count at the sorted position whose cumulative share of matches is closest to
+    ``p`` (first such position on ties), as MetaCLIP 2 does; at least 1."""
+    counts = np.sort(np.asarray(counts, dtype=np.int64))
+    total = counts.sum()
+    if counts.size == 0 or total == 0:
+        return 1
+    share = np.cumsum(counts) / total
+    return max(1, int(counts[int(np.argmin(np.abs(share - p)))]))
+
+
+def entry_probs(counts: np.ndarray, t: float) -> np.ndarray:
+    """``p_e = 1`` for ``count_e < t``, else ``t / count_e``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return t / np.maximum(counts, t)
+
+
+def accept_probs(offsets: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per caption (CSR ``offsets``/``ids``): ``1 - prod(1 - p_e)``, 0 with no entry."""
+    n = len(offsets) - 1
+    out = np.zeros(n, dtype=np.float64)
+    lengths = np.diff(offsets)
+    nonempty = np.flatnonzero(lengths > 0)
+    if nonempty.size:
+        q = 1.0 - probs[ids]
+        out[nonempty] = 1.0 - np.multiply.reduceat(q, offsets[nonempty])
+    return out
+
+
+def uniform_draws(seed: int, uids: list[str], salt: str = "metaclip") -> np.ndarray:
+    """A uniform number in [0, 1) per uid, a function of (seed, salt, uid) only."""
+    key = f"{salt}:{seed}".encode()
+    out = np.empty(len(uids), dtype=np.float64)
+    for i, uid in enumerate(uids):
+        h = hashlib.blake2b(uid.encode("utf-8", "surrogateescape"), digest_size=8, key=key).digest()
+        out[i] = (int.from_bytes(h, "little") >> 11) * (1.0 / (1 << 53))
+    return out
