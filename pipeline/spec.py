@@ -138,6 +138,8 @@ class JobSpec(_Strict):
 
     def dump(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"stages"})
+        if not d["input"].get("keep_columns"):  # absent when unused: older specs keep their fingerprint
+            d["input"].pop("keep_columns", None)
         d["stages"] = [s.dump() for s in self.stages]
         return d
 
