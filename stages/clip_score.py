@@ -1,0 +1,316 @@
+"""Stage ``clip_score``: CLIP image-text similarity, and the filters built on it.
+
+The score every CLIP data recipe starts with: LAION-400M/5B keep pairs whose OpenAI ViT-B/32
+cosine similarity is at least 0.28 (Schuhmann et al. 2021, 2022); DataComp's CLIP-score
+baseline keeps the top 30% of the pool by ViT-L/14 score (Gadre et al. 2023); DFN swaps in a
+filtering network of the same shape (Fang et al. 2023). Rule: each live pair's image (decoded
+with Pillow, preprocessed by open_clip's own inference ``preprocess`` for the model) and
+caption (tokenized by open_clip's tokenizer for the model, which truncates captions longer than
+the context) are embedded, both embeddings are L2-normalised, and ``clip_score`` is their dot
+product (float32). With ``save_embeddings`` the normalised embeddings are kept as ``image_emb``
+and ``text_emb`` (float16). ``min_score`` drops pairs scoring below it (reason ``clip_score``);
+``top_fraction`` f keeps exactly round(f * N) of the N live pairs of the whole pool, the ones
+with the highest score, ties broken by the smaller ``uid`` (reason ``clip_score`` for the rest);
+neither: score only. An image Pillow cannot decode is dropped with ``decode_error``.
+
+With ``top_fraction`` the stage is global: ``process`` scores (the map part), ``scan`` keeps
+(score, uid) per live row, ``merge`` finds the exact cut-off pair (score, uid) on the driver,
+``apply`` drops everything below it. Models, weights and the cache check live in
+:mod:`pairsift.stages.clip_models`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field, field_validator, model_validator
+
+from pairsift.pipeline.errors import ConfigError
+from pairsift.pipeline.table import live_mask, mark_dropped, set_column
+from pairsift.stages import clip_models
+from pairsift.stages.base import GlobalStage, StageConfig
+
+log = logging.getLogger("pairsift.clip_score")
+
+
+class ClipScoreConfig(StageConfig):
+    #: open_clip architecture name, ``hf-hub:org/repo``, ``local-dir:/path``, or a model config .json.
+    model: str = "ViT-B-32"
+    #: open_clip tag, ``hf-hub:org/repo[/file]``, a checkpoint file, or ``random``.
+    pretrained: str | None = "laion2b_s34b_b79k"
+    batch_size: int = Field(256, ge=1)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_score: float | None = None
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    save_embeddings: bool = True
+    #: CPUs one worker asks for (default: all the job's CPUs on a CPU job, CPUs / GPUs on a GPU job).
+    cpus_per_worker: int | None = Field(None, ge=1)
+    #: Threads decoding and preprocessing images (default: the worker's CPUs).
+    decode_threads: int | None = Field(None, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, v: str) -> str:
+        return os.path.abspath(v) if clip_models.is_config_file(v) else v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_path(cls, v: str | None) -> str | None:
+        return os.path.abspath(v) if v and os.path.isfile(v) else v
+
+    @model_validator(mode="after")
+    def _one_filter(self):
+        if self.min_score is not None and self.top_fraction is not None:
+            raise ValueError("min_score and top_fraction: give at most one")
+        return self
+
+
+def _uid_keys(uids: list[str]) -> np.ndarray:
+    """uids (32 hex digits) as 16-byte keys that sort like the strings."""
+    return np.frombuffer(bytes.fromhex("".join(uids)), dtype="S16") if uids else np.empty(0, "S16")
+
+
+def _rank_scores(scores: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Scores as float32 for ranking: missing or NaN scores rank last."""
+    s = np.asarray(scores.to_numpy(zero_copy_only=False), dtype=np.float32)
+    return np.where(np.isnan(s), np.float32(-np.inf), s)
+
+
+class ClipScoreStage(GlobalStage):
+    name = "clip_score"
+    Config = ClipScoreConfig
+
+    def __init__(self, config, context=None):
+        super().__init__(config, context)
+        self._loaded: clip_models.LoadedModel | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._dim: int | None = None
+        self._timings: Counter = Counter()
+
+    @classmethod
+    def is_global(cls, config: ClipScoreConfig) -> bool:
+        return config.top_fraction is not None
+
+    # ------------------------------------------------------------------ driver side
+
+    def preflight(self) -> None:
+        c: ClipScoreConfig = self.config
+        weights = clip_models.resolve(c.model, c.pretrained)
+        clip_models.ensure_weights(weights)
+        clip_models.check_tokenizer_files(c.model)
+        self._dim = clip_models.embed_dim(c.model)
+
+    def resources(self) -> dict[str, float]:
+        c: ClipScoreConfig = self.config
+        cluster = self.context.extras.get("cluster") or {}
+        cpus = max(1, int(cluster.get("CPU", 1)))
+        gpus = int(cluster.get("GPU", 0))
+        cap = min(cpus, c.cpus_per_worker or os.cpu_count() or cpus)
+        if c.device == "cuda" and gpus < 1:
+            raise ConfigError("clip_score.device: cuda, but the Ray cluster has no GPU")
+        if c.device != "cpu" and gpus >= 1:  # one worker per GPU
+            return {"num_cpus": float(max(1, min(cap, cpus // gpus))), "num_gpus": 1.0}
+        # On CPU one worker takes the job's CPUs: torch uses them for the model and the decode
+        # threads use them between batches (reading happens inside the same task).
+        return {"num_cpus": float(cap), "num_gpus": 0.0}
+
+    def summary(self) -> dict:
+        c: ClipScoreConfig = self.config
+        return {"model": c.model, "pretrained": c.pretrained, "min_score": c.min_score,
+                "top_fraction": c.top_fraction}
+
+    # ------------------------------------------------------------------ worker side
+
+    def setup(self) -> None:
+        """Nothing heavy: the model loads on the first batch with live rows, so workers that
+        only run ``apply`` (or see no live rows) never load it."""
+
+    def _ensure_model(self) -> clip_models.LoadedModel:
+        if self._loaded is not None:
+            return self._loaded
+        import torch
+
+        c: ClipScoreConfig = self.config
+        granted = self.context.extras.get("resources") or {}
+        cpus = int(granted.get("num_cpus") or 0)
+        if cpus:
+            torch.set_num_threads(cpus)
+        device = c.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("clip_score.device is cuda but this worker sees no CUDA device")
+        precision = c.precision if c.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
+        t0 = time.perf_counter()
+        self._loaded = clip_models.load(c.model, c.pretrained, device=device, precision=precision)
+        self._dim = self._loaded.embed_dim
+        threads = c.decode_threads or cpus or torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-decode")
+        warnings.filterwarnings("ignore", message="Palette images with Transparency")
+        log.info("clip_score: loaded %s (%s) on %s, %s, %d torch threads, %d decode threads, in %.1f s",
+                 c.model, c.pretrained, device, precision, torch.get_num_threads(), threads,
+                 time.perf_counter() - t0)
+        return self._loaded
+
+    def _embed_dim(self) -> int:
+        if self._dim is None:
+            self._dim = clip_models.embed_dim(self.config.model)
+        return self._dim
+
+    def take_timings(self) -> dict[str, float]:
+        out, self._timings = dict(self._timings), Counter()
+        return out
+
+    def _prepare(self, data: bytes):
+        """Decode and preprocess one image (runs in the decode threads; Pillow and the
+        resize release the GIL). Returns (tensor or None, seconds)."""
+        t0 = time.perf_counter()
+        try:
+            with Image.open(BytesIO(data)) as img:
+                x = self._loaded.preprocess(img)
+        except Exception:  # noqa: BLE001 - any decode failure is the sample's drop reason
+            x = None
+        return x, time.perf_counter() - t0
+
+    def _embed(self, images: list[bytes], captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ok mask, image embeddings, text embeddings) of the pairs, normalised, float32."""
+        import torch
+        import torch.nn.functional as F
+
+        m = self._ensure_model()
+        bs = self.config.batch_size
+        cuda = m.device.type == "cuda"
+        futures = [self._pool.submit(self._prepare, d) for d in images]
+        t0 = time.perf_counter()
+        tokens = m.tokenizer(captions)
+        self._timings["tokenize"] += time.perf_counter() - t0
+
+        def encode(fn, x: torch.Tensor, dtype=None) -> torch.Tensor:
+            """Model batches of ``batch_size``, moved to the device (then cast: cheaper there)."""
+            out = []
+            for i in range(0, len(x), bs):
+                chunk = x[i:i + bs].to(m.device, non_blocking=True)
+                out.append(F.normalize(fn(chunk if dtype is None else chunk.to(dtype)).float(), dim=-1))
+            return torch.cat(out) if out else torch.empty(0, m.embed_dim)
+
+        with torch.inference_mode():
+            text = None
+            if cuda:  # the GPU encodes the captions while the CPU threads decode the images
+                t0 = time.perf_counter()
+                text = encode(m.model.encode_text, tokens)
+                self._timings["infer"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            prepared = [f.result() for f in futures]
+            self._timings["decode_wait"] += time.perf_counter() - t0
+            self._timings["decode"] += sum(s for _, s in prepared)
+            ok = np.array([x is not None for x, _ in prepared], dtype=bool)
+            t0 = time.perf_counter()
+            if ok.any():
+                pixels = torch.stack([x for x, _ in prepared if x is not None])
+                image = encode(m.model.encode_image, pixels, m.input_dtype)
+            else:
+                image = torch.empty(0, m.embed_dim)
+            if text is None:
+                text = encode(m.model.encode_text, tokens[torch.from_numpy(ok)])
+            else:
+                text = text[torch.from_numpy(ok).to(text.device)]
+            image, text = image.cpu().numpy(), text.cpu().numpy()
+            self._timings["infer"] += time.perf_counter() - t0
+        return ok, image, text
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        c: ClipScoreConfig = self.config
+        n = batch.num_rows
+        live = live_mask(batch)
+        images = batch.column("image").to_pylist()
+        reasons: list[str | None] = [None] * n
+        todo = []
+        for i in range(n):
+            if live[i]:
+                if images[i] is None:
+                    reasons[i] = "missing_image"
+                else:
+                    todo.append(i)
+        scores = np.zeros(n, dtype=np.float32)
+        scored = np.zeros(n, dtype=bool)
+        dim = self._embed_dim()
+        img_emb = np.zeros((n, dim), dtype=np.float16)
+        txt_emb = np.zeros((n, dim), dtype=np.float16)
+        if todo:
+            captions = batch.column("caption").to_pylist()
+            ok, image, text = self._embed([images[i] for i in todo], [captions[i] or "" for i in todo])
+            rows = np.asarray(todo)[ok]
+            scores[rows] = (image * text).sum(axis=1)
+            scored[rows] = True
+            img_emb[rows] = image.astype(np.float16)
+            txt_emb[rows] = text.astype(np.float16)
+            for i in np.asarray(todo)[~ok]:
+                reasons[i] = "decode_error"
+        batch = set_column(batch, "clip_score", pa.array(scores, mask=~scored), pa.float32())
+        if c.save_embeddings:
+            mask = pa.array(~scored)
+            for name, emb in (("image_emb", img_emb), ("text_emb", txt_emb)):
+                arr = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim, mask=mask)
+                batch = set_column(batch, name, arr)
+        if c.min_score is not None:
+            for i in np.flatnonzero(scored):
+                if not scores[i] >= c.min_score:  # NaN fails too
+                    reasons[i] = "clip_score"
+        return mark_dropped(batch, reasons, self.name)
+
+    # ------------------------------------------------------------------ top_fraction
+
+    def scan(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, uid keys) of the live rows."""
+        live = pa.array(live_mask(batch))
+        rows = batch.filter(live)
+        return _rank_scores(rows.column("clip_score")), _uid_keys(rows.column("uid").to_pylist())
+
+    def combine(self, partials: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        if not partials:
+            return np.empty(0, np.float32), np.empty(0, "S16")
+        return np.concatenate([p[0] for p in partials]), np.concatenate([p[1] for p in partials])
+
+    def merge(self, partials: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        """The cut-off: the k-th best (score desc, uid asc) pair, k = round(f * N)."""
+        scores, keys = self.combine(partials)
+        n = len(scores)
+        k = round(self.config.top_fraction * n)
+        state: dict[str, Any] = {"pool": n, "keep": k, "score": None, "uid": None}
+        if k == 0:
+            return state
+        t = np.partition(scores, n - k)[n - k]  # the k-th largest score
+        above = int((scores > t).sum())
+        tied = np.sort(keys[scores == t])
+        state["score"] = float(t)
+        state["uid"] = tied[k - above - 1].ljust(16, b"\0").hex()
+        return state
+
+    def apply(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
+        live = live_mask(batch)
+        reasons: list[str | None] = [None] * batch.num_rows
+        if state["uid"] is None:
+            keep = np.zeros(batch.num_rows, dtype=bool)
+        else:
+            s = _rank_scores(batch.column("clip_score"))
+            t = np.float32(state["score"])
+            uids = np.asarray(batch.column("uid").to_pylist(), dtype=str)
+            keep = (s > t) | ((s == t) & (uids <= state["uid"]))
+        for i in np.flatnonzero(live & ~keep):
+            reasons[i] = "clip_score"
+        return mark_dropped(batch, reasons, self.name)
+
+    def finalize(self, state: dict[str, Any], output: str) -> dict:
+        return {"top_fraction": self.config.top_fraction, "pool": state["pool"], "kept": state["keep"],
+                "cutoff_score": state["score"], "cutoff_uid": state["uid"]}
