@@ -246,8 +246,10 @@ def _emit_and_commit(output: str, task, captions_from: CaptionPolicy | None = No
 
 
 def _phase_resources(stages: list, phase: Phase) -> dict:
-    """Ray resources of one phase task: the most any of its stages asks for."""
-    idx = [s.stage for s in phase.steps] + ([phase.scan] if phase.scan is not None else [])
+    """Ray resources of one phase task: the most its map parts and scan ask for. A global
+    stage's ``apply`` is a cheap decision on stored scores, so it asks for nothing extra (a
+    top-fraction cut must not hold a GPU per task)."""
+    idx = [s.stage for s in phase.steps if s.mode == "process"] + ([phase.scan] if phase.scan is not None else [])
     asks = [stages[i].resources() for i in idx]
     return {
         "num_cpus": max([a.get("num_cpus", 1.0) for a in asks] + [1.0]),

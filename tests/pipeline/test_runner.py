@@ -121,3 +121,21 @@ def test_worker_killed_mid_shard_is_retried(clean_run, small_shards, tmp_path):
     assert marker.exists(), "the worker was not killed"
     assert int(marker.read_text()) != os.getpid()
     assert _files(out) == _files(clean_run)
+
+
+def test_apply_phase_asks_only_for_its_map_parts():
+    """A top-fraction cut (apply) must not hold all CPUs or a GPU per task: only the phases that
+    run a stage's map part size their tasks from it."""
+    from pairsift.pipeline.plan import plan_phases
+    from pairsift.pipeline.runner import _phase_resources
+    from pairsift.stages import get_stage_class
+    from pairsift.stages.base import StageContext
+
+    spec = make_job("/tmp", "/tmp/o", stages=[
+        {"quality": {}}, {"clip_score": {"model": "ViT-B-32", "pretrained": "random", "top_fraction": 0.3}}])
+    for cluster, gpus in (({"CPU": 2.0}, 0.0), ({"CPU": 16.0, "GPU": 2.0}, 1.0)):
+        stages = [get_stage_class(e.name)(e.config, StageContext(extras={"cluster": cluster})) for e in spec.stages]
+        first, cut = plan_phases(spec.stages)
+        scoring = _phase_resources(stages, first)
+        assert scoring["num_gpus"] == gpus and scoring["num_cpus"] >= (2.0 if not gpus else 1.0)
+        assert _phase_resources(stages, cut) == {"num_cpus": 1.0, "num_gpus": 0.0}
