@@ -23,7 +23,9 @@ def _cmd_run(args) -> int:
     from pairsift.pipeline.manifest import format_summary
     from pairsift.pipeline.spec import load_job
 
-    output = os.path.abspath(args.output) if args.output else None
+    output = args.output
+    if output and "://" not in output:  # URLs (s3://, gs://) are left as they are
+        output = os.path.abspath(output)
     spec = load_job(args.job, output=output, num_cpus=args.num_cpus)
     result = run_job(spec, restart=args.restart)
     print(format_summary(result.manifest))

@@ -12,6 +12,7 @@ import os
 import duckdb
 
 from pairsift.pipeline.errors import ConfigError
+from pairsift.pipeline.storage import require_local
 
 #: Numeric columns summarised when a job has them (later stages add theirs here).
 SCORE_COLUMNS = ("clip_score", "cotr", "cotr_fuzzy", "text_area", "ocr_boxes", "clip_text_drop", "metaclip_p",
@@ -20,6 +21,7 @@ SCORE_COLUMNS = ("clip_score", "cotr", "cotr_fuzzy", "text_area", "ocr_boxes", "
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with ``samples`` and ``rejected`` registered as views."""
+    require_local(output, "stats")
     if not os.path.isfile(os.path.join(output, "manifest.json")) and not os.path.isdir(os.path.join(output, "rejected")):
         raise ConfigError(f"{output} is not a pairsift job output (no manifest.json)")
     con = duckdb.connect()

@@ -8,6 +8,7 @@ import os
 import socket
 
 from pairsift.pipeline.errors import ConfigError
+from pairsift.pipeline.storage import require_local
 
 
 def _read(path: str):
@@ -25,6 +26,7 @@ def _alive(pid: int) -> bool:
 
 def job_status(output: str) -> dict:
     """What the ledger says: per phase shards committed / total, and the job's state."""
+    require_local(output, "status")
     work = os.path.join(output, "_work")
     if not os.path.isfile(os.path.join(work, "job.json")):
         raise ConfigError(f"{output} holds no pairsift job (no _work/job.json)")
@@ -70,6 +72,7 @@ def _cmd_status(args) -> int:
 def _cmd_report(args) -> int:
     from pairsift.pipeline.report import build_report
 
+    require_local(args.output, "report")
     if not os.path.isfile(os.path.join(args.output, "manifest.json")):
         raise ConfigError(f"{args.output} has no manifest.json: the job has not finished")
     print(build_report(args.output))

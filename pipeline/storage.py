@@ -18,9 +18,28 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pairsift.pipeline.errors import ConfigError
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names an object store / remote filesystem (``s3://``, ``gs://``, ...)
+    rather than a local path (``file://`` counts as local)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def require_local(path: str, command: str) -> None:
+    """Raise a ConfigError for commands that read only local outputs (stats, status, report)."""
+    if is_url(path):
+        raise ConfigError(f"pairsift {command} reads a local output folder, and {path} is a URL: copy it "
+                          f"first (manifest.json, metadata/, rejected/ and _work/ are enough, e.g. "
+                          f"`aws s3 sync {path} LOCAL --exclude 'shards/*'`) and run it on the copy")
+
 
 def fs_path(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+    except ImportError as e:  # e.g. s3:// without s3fs: fsspec says which package to install
+        raise ConfigError(f"{path}: {e} (for s3:// install pairsift[s3])") from None
     return fs, p
 
 

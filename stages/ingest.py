@@ -22,6 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA, make_uid
 
@@ -61,7 +62,7 @@ def _split_glob_root(path: str) -> tuple[str, bool]:
 def _list_files(path: str, suffixes: tuple[str, ...]) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Files under ``path`` (a file, a folder searched recursively, or a glob) ending in
     one of ``suffixes``, sorted, with the root they are relative to."""
-    fs, _ = fsspec.core.url_to_fs(path)
+    fs, _ = storage.fs_path(path)  # ConfigError when the URL's filesystem is not installed
     protocol = path.split("://")[0] + "://" if "://" in path else ""
     root, is_glob = _split_glob_root(path)
     root = fs._strip_protocol(root)

@@ -27,7 +27,7 @@ def _free_port() -> int:
 def cluster(tmp_path):
     """A head node in its own process group (so stopping it never touches other Rays)."""
     ray_bin = shutil.which("ray") or pytest.skip("the `ray` command is not on PATH")
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Token authentication, as a real cluster should run: head, submitter and job share the token.
@@ -36,7 +36,9 @@ def cluster(tmp_path):
     temp = f"/tmp/rayc{os.getpid()}"  # Ray's socket paths must stay short
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--temp-dir={temp}", "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]  # own ports: another Ray may hold the defaults
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dash}"
