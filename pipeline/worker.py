@@ -19,7 +19,7 @@ from pairsift.pipeline import storage
 from pairsift.pipeline.errors import JobError
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.plan import Phase
-from pairsift.pipeline.table import BASE_SCHEMA, live_mask, mark_dropped
+from pairsift.pipeline.table import live_mask, mark_dropped
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import Stage, StageContext
 from pairsift.stages.ingest import InputShard, input_schema, read_shard
@@ -89,6 +89,15 @@ def _leaf_paths(name: str, t: pa.DataType) -> list[str]:
     return [name]
 
 
+def _work_batches(path: str):
+    """Batches of a work shard an earlier phase wrote; the file is closed when done."""
+    fs, p = storage.fs_path(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for rb in pf.iter_batches(BATCH_SIZE):
+            yield pa.Table.from_batches([rb], schema=pf.schema_arrow)
+
+
 def _codecs(schema: pa.Schema) -> dict[str, str]:
     """zstd for every Parquet column but the image bytes, which are compressed already."""
     return {p: ("NONE" if f.name == "image" else "ZSTD") for f in schema for p in _leaf_paths(f.name, f.type)}
@@ -141,10 +150,11 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         in_schema = input_schema(shard, spec.input)  # BASE_SCHEMA + input.keep_columns
         batches = read_shard(shard, spec.input, BATCH_SIZE, source_errors)
     else:
-        fs, p = storage.fs_path(work_path(out, phase.input_phase, name))
-        pf = pq.ParquetFile(fs.open(p, "rb"))
-        in_schema = pf.schema_arrow
-        batches = (pa.Table.from_batches([rb], schema=in_schema) for rb in pf.iter_batches(BATCH_SIZE))
+        src = work_path(out, phase.input_phase, name)
+        fs, p = storage.fs_path(src)
+        with fs.open(p, "rb") as f:
+            in_schema = pq.read_schema(f)
+        batches = _work_batches(src)
     # The phase's output schema: the stages run on an empty batch of the input schema.
     schema = steps(in_schema.empty_table()).schema
     align = _Aligner(schema)

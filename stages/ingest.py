@@ -10,7 +10,6 @@ the input root and the sample's key there (``#n`` appended to the n-th repeat of
 
 from __future__ import annotations
 
-import io
 import posixpath
 import re
 import tarfile
