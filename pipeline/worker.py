@@ -32,7 +32,8 @@ if os.environ.get("PAIRSIFT_LOG_LEVEL") and not log.handlers:  # inside a Ray wo
     log.setLevel(os.environ["PAIRSIFT_LOG_LEVEL"])
     log.propagate = False
 
-BATCH_SIZE = 256
+BATCH_SIZE = 256  # rows per batch unless a stage of the phase asks for more
+MAX_BATCH_SIZE = 8192
 _STAGES: dict[tuple, Stage] = {}
 
 
@@ -89,12 +90,18 @@ def _leaf_paths(name: str, t: pa.DataType) -> list[str]:
     return [name]
 
 
-def _work_batches(path: str):
+def phase_batch_rows(stages: list[Stage]) -> int:
+    """Rows per batch for a phase: the largest hint of its stages, within [256, 8192]."""
+    hints = [h for h in (s.batch_rows() for s in stages) if h]
+    return min(max([BATCH_SIZE] + hints), MAX_BATCH_SIZE)
+
+
+def _work_batches(path: str, rows: int):
     """Batches of a work shard an earlier phase wrote; the file is closed when done."""
     fs, p = storage.fs_path(path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
-        for rb in pf.iter_batches(BATCH_SIZE):
+        for rb in pf.iter_batches(rows):
             yield pa.Table.from_batches([rb], schema=pf.schema_arrow)
 
 
@@ -146,15 +153,17 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             timings[step.name] += time.perf_counter() - t0
         return batch
 
+    used = [s.stage for s in phase.steps] + ([phase.scan] if phase.scan is not None else [])
+    rows_per_batch = phase_batch_rows([get_stage(spec, i, extras) for i in used])
     if phase.first:
         in_schema = input_schema(shard, spec.input)  # BASE_SCHEMA + input.keep_columns
-        batches = read_shard(shard, spec.input, BATCH_SIZE, source_errors)
+        batches = read_shard(shard, spec.input, rows_per_batch, source_errors)
     else:
         src = work_path(out, phase.input_phase, name)
         fs, p = storage.fs_path(src)
         with fs.open(p, "rb") as f:
             in_schema = pq.read_schema(f)
-        batches = _work_batches(src)
+        batches = _work_batches(src, rows_per_batch)
     # The phase's output schema: the stages run on an empty batch of the input schema.
     schema = steps(in_schema.empty_table()).schema
     align = _Aligner(schema)

@@ -55,6 +55,12 @@ class Stage:
         """How many scans over the pool a global stage needs before ``apply``."""
         return 1
 
+    def batch_rows(self) -> int | None:
+        """Rows this stage would like per batch (e.g. a model batch, or a matcher that gains
+        from large calls); the worker takes the largest hint of a phase's stages, at least
+        256 and at most 8192 rows. None: no preference."""
+        return None
+
     def resources(self) -> dict[str, float]:
         """Ray resources one worker needs for this configuration (CPUs, GPUs)."""
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}

@@ -125,6 +125,9 @@ class ClipScoreStage(GlobalStage):
         # threads use them between batches (reading happens inside the same task).
         return {"num_cpus": float(cap), "num_gpus": 0.0}
 
+    def batch_rows(self) -> int:
+        return self.config.batch_size  # the worker hands over whole model batches
+
     def summary(self) -> dict:
         c: ClipScoreConfig = self.config
         return {"model": c.model, "pretrained": c.pretrained, "min_score": c.min_score,

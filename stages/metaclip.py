@@ -124,6 +124,9 @@ class MetaClipStage(GlobalStage):
             self._matchers[lang] = Matcher(self.entries(lang), no_space_rule=self.config.worldwide)
         return self._matchers[lang]
 
+    def batch_rows(self) -> int:
+        return 4096  # the matcher's fixed cost per call is amortised over many captions
+
     def setup(self) -> None:
         if not self.config.worldwide:  # worldwide: each language's list on first use
             self.matcher(SINGLE)

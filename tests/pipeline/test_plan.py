@@ -49,3 +49,21 @@ def test_multi_pass_stage_gets_scan_only_phases():
         ([(name, "apply"), ("exact_dedup", "process")], 2, 0, True, 0, False),
         ([("exact_dedup", "apply")], None, 0, True, 2, True),
     ]
+
+
+def test_phase_batch_rows_takes_the_largest_hint_within_bounds():
+    from pairsift.pipeline.worker import phase_batch_rows
+    from pairsift.stages.base import Stage
+
+    class Hint(Stage):
+        def __init__(self, rows):
+            super().__init__(StageConfig())
+            self.rows = rows
+
+        def batch_rows(self):
+            return self.rows
+
+    assert phase_batch_rows([]) == 256
+    assert phase_batch_rows([Hint(None), Hint(64)]) == 256
+    assert phase_batch_rows([Hint(1024), Hint(4096)]) == 4096
+    assert phase_batch_rows([Hint(100_000)]) == 8192
