@@ -13,6 +13,7 @@ import importlib.util
 
 REGISTRY: dict[str, str] = {
     "quality": "pairsift.stages.quality:QualityStage",
+    "language": "pairsift.stages.language:LanguageStage",
     "exact_dedup": "pairsift.stages.exact_dedup:ExactDedupStage",
     "fault_injection": "pairsift.stages.faults:FaultInjectionStage",
     "clip_score": "pairsift.stages.clip_score:ClipScoreStage",

@@ -1,21 +1,31 @@
 """Stage ``concept_prune``: density-based pruning, budgets from the complexity of concept clusters.
 
 DBP, "Effective pruning of web-scale datasets based on complexity of concept clusters" (Abbas
-et al., ICLR 2024). Rule: the usable embeddings of the live pool (``embedding``, any float
-list column) are L2-normalised and clustered by spherical k-means (faiss, fixed seed) trained
-on a deterministic sample of at most ``kmeans_sample`` of them; every sample is assigned to
-its most similar centroid. Per cluster j: d_intra = mean cosine distance of its members to the
-centroid, d_inter = mean cosine distance of the centroid to its ``neighbours`` nearest
-centroids, complexity C_j = d_intra·d_inter and share P_j = softmax(C/temperature) over the
-non-empty clusters. With N = round(keep_fraction × pool), the budgets are N_j = clip(λ·P_j,
-lo_j, size_j) with lo_j = min(size_j, floor(min_cluster_share × N / clusters)) and λ chosen so
-that they sum to N (water-filling: what a capped cluster cannot take goes to the others in
-proportion to P), rounded to integers by largest remainder so that they sum to N exactly.
-Each cluster keeps its N_j hardest members — the farthest from the centroid, ties to the
-smaller ``uid`` — and the rest are dropped with reason ``concept_prune``. Rows with no usable
-embedding are left alone. Writes ``cluster_id`` and ``centroid_distance`` (cosine distance to
-the centroid) and ``OUT/concept_prune/clusters.parquet`` (one row per cluster: size, d_intra,
-d_inter, complexity, share, target N·P_j, budget N_j, kept, threshold distance).
+et al., ICLR 2024; reference code github.com/amro-kamal/effective_pruning). Rule: the usable
+embeddings of the live pool (``embedding``, any float list column) are L2-normalised and
+clustered by spherical k-means (faiss, fixed seed) trained on a deterministic sample of at most
+``kmeans_sample`` of them; every sample is assigned to its most similar centroid. Per cluster j:
+d_intra = mean cosine distance of its members to the centroid, d_inter = mean cosine distance of
+the centroid to its ``neighbours`` nearest centroids, complexity C_j = d_intra·d_inter and share
+P_j = softmax(C/temperature) over the non-empty clusters. With N = ⌊keep_fraction × pool⌋ (the
+reference's ``int(prune_ratio * total)``, taken on the decimal value so that 0.29 of 100 is 29),
+the budgets N_j solve the reference's quadratic program: minimise ‖x − N·P‖² subject to
+Σx = N and lo_j <= x_j <= size_j, whose solution is the additive shift x_j = clip(N·P_j + μ,
+lo_j, size_j) with μ chosen so that they sum to N (``allocation: shift``, the default; pairsift's
+earlier rule, x_j = clip(λ·P_j, lo_j, size_j), which hands a capped cluster's surplus out in
+proportion to P instead of equally, is ``allocation: scale``). The floor is the reference's
+lo_j = min(⌊N/k · min_cluster_share⌋, size_j − 1) over all k centroids, or 1 when
+``min_cluster_share`` is 0 (``floor: reference``; ``floor: nonempty`` is pairsift's earlier
+lo_j = min(size_j, ⌊min_cluster_share × N / non-empty clusters⌋)). The real solution is rounded
+to integers by largest remainder so that the budgets sum to N exactly (the reference rounds
+each x_j to the nearest integer, so its total can miss N by a few). Each cluster keeps its N_j
+hardest members — the farthest from the centroid (the reference's ``which_to_keep: hard``),
+ties to the smaller ``uid`` — and the rest are dropped with reason ``concept_prune``. Empty
+clusters take no part (the reference gives them the mean complexity and a [-1, 0] box). Rows
+with no usable embedding are left alone. Writes ``cluster_id`` and ``centroid_distance``
+(cosine distance to the centroid) and ``OUT/concept_prune/clusters.parquet`` (one row per
+cluster: size, d_intra, d_inter, complexity, share, target N·P_j, floor, budget N_j, kept,
+threshold distance).
 
 Four looks at the pool (scan/merge; see :mod:`pairsift.stages.clustering` for the first two):
 pass 0 counts, pass 1 gathers the k-means sample and trains the centroids, pass 2 assigns every
@@ -33,7 +43,8 @@ holds the sample, the centroids, a clusters x 64 histogram per shard and the cut
 from __future__ import annotations
 
 import math
-from typing import Any
+from fractions import Fraction
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -57,30 +68,64 @@ class ConceptPruneConfig(StageConfig):
     keep_fraction: float = Field(0.5, gt=0, le=1)
     neighbours: int = Field(20, ge=1)
     temperature: float = Field(0.1, gt=0)
+    #: The reference's ``cls_bal_ratio``: each cluster keeps at least this share of an equal share.
     min_cluster_share: float = Field(0.5, ge=0, le=1)
+    #: ``shift``: the reference's QP solution clip(N·P_j + μ); ``scale``: clip(λ·P_j).
+    allocation: Literal["shift", "scale"] = "shift"
+    #: ``reference``: ⌊N/k·share⌋ capped at size − 1; ``nonempty``: ⌊share·N/non-empty⌋ capped at size.
+    floor: Literal["reference", "nonempty"] = "reference"
     kmeans_sample: int = Field(100_000, ge=1)
     kmeans_iterations: int = Field(20, ge=1)
 
 
-def water_fill(shares: np.ndarray, sizes: np.ndarray, total: int, floors: np.ndarray) -> np.ndarray:
-    """Integer budgets b with sum(b) == total and floors <= b <= sizes, b ≈ λ·shares.
+def keep_total(keep_fraction: float, pool: int) -> int:
+    """N = ⌊keep_fraction · pool⌋ on the decimal value of ``keep_fraction`` (exact rational
+    arithmetic: the reference's ``int(0.29 * 100)`` is 28 by float rounding, this is 29)."""
+    return int(math.floor(Fraction(repr(float(keep_fraction))) * pool))
 
-    λ is found by bisection so that sum(clip(λ·shares, floors, sizes)) == total (a capped
-    cluster's surplus flows to the others in proportion to their shares); the real targets
-    are then floored and the remaining units go to the largest fractional parts (ties to the
-    lower index). Requires sum(floors) <= total <= sum(sizes)."""
+
+def cluster_floors(sizes: np.ndarray, total: int, share: float, k: int, rule: str) -> np.ndarray:
+    """Per-cluster lower bounds of the budgets (0 for an empty cluster).
+
+    ``reference``: the DBP program's ``min(int(N / k * share), size - 1)`` with k the number of
+    centroids, and a floor of 1 where ``share`` is 0; ``nonempty``: ``min(size, ⌊share · N /
+    non-empty clusters⌋)``."""
+    sizes = np.asarray(sizes, np.int64)
+    nonempty = sizes > 0
+    if rule == "reference":
+        m = int((total / max(1, k)) * share) if share > 0 else 1
+        lo = np.minimum(m, sizes - 1)
+    else:
+        m = int(math.floor(share * total / max(1, int(nonempty.sum()))))
+        lo = np.minimum(m, sizes)
+    return np.where(nonempty, np.maximum(lo, 0), 0).astype(np.int64)
+
+
+def fill_targets(shares: np.ndarray, sizes: np.ndarray, total: int, floors: np.ndarray,
+                 allocation: str = "shift") -> np.ndarray:
+    """The real-valued budgets x with Σx = total and floors <= x <= sizes.
+
+    ``shift``: x = clip(total·P + μ, floors, sizes), the minimiser of ‖x − total·P‖² under those
+    constraints (the DBP reference's quadratic program, by its KKT conditions); ``scale``: x =
+    clip(λ·P, floors, sizes). μ or λ is found by bisection (the clipped sum is monotone in it)."""
     shares = np.asarray(shares, np.float64)
     hi = np.asarray(sizes, np.int64)
     lo = np.minimum(np.asarray(floors, np.int64), hi)
     if not lo.sum() <= total <= hi.sum():
         raise ValueError(f"no budgets: floors sum to {lo.sum()}, sizes to {hi.sum()}, total is {total}")
+    if allocation not in ("shift", "scale"):
+        raise ValueError(f"allocation must be 'shift' or 'scale', not {allocation!r}")
+    base = total * shares
 
-    def filled(lam: float) -> np.ndarray:
-        return np.clip(lam * shares, lo, hi)
+    def filled(t: float) -> np.ndarray:
+        return np.clip(base + t if allocation == "shift" else t * shares, lo, hi)
 
-    a, b = 0.0, 1.0
-    while filled(b).sum() < total and b < 1e300:
-        b *= 2.0
+    if allocation == "shift":
+        a, b = -float(total) - 1.0, float(hi.max(initial=0)) + 1.0
+    else:
+        a, b = 0.0, 1.0
+        while filled(b).sum() < total and b < 1e300:
+            b *= 2.0
     for _ in range(200):
         mid = 0.5 * (a + b)
         if mid in (a, b):
@@ -89,9 +134,15 @@ def water_fill(shares: np.ndarray, sizes: np.ndarray, total: int, floors: np.nda
             a = mid
         else:
             b = mid
-    target = filled(b)
-    out = np.maximum(np.floor(target).astype(np.int64), lo)
-    out = np.minimum(out, hi)
+    return filled(b)
+
+
+def round_budgets(target: np.ndarray, sizes: np.ndarray, total: int, floors: np.ndarray) -> np.ndarray:
+    """Integers b within [floors, sizes] summing to ``total``: the targets floored, then the
+    missing units to the largest fractional parts (ties to the lower index)."""
+    hi = np.asarray(sizes, np.int64)
+    lo = np.minimum(np.asarray(floors, np.int64), hi)
+    out = np.minimum(np.maximum(np.floor(target).astype(np.int64), lo), hi)
     frac = target - np.floor(target)
     order = np.lexsort((np.arange(len(out)), -frac))  # largest fraction first, then index
     while out.sum() < total:
@@ -105,6 +156,13 @@ def water_fill(shares: np.ndarray, sizes: np.ndarray, total: int, floors: np.nda
     return out
 
 
+def water_fill(shares: np.ndarray, sizes: np.ndarray, total: int, floors: np.ndarray,
+               allocation: str = "shift") -> np.ndarray:
+    """Integer budgets b with sum(b) == total and floors <= b <= sizes: :func:`fill_targets`
+    rounded by :func:`round_budgets`. Requires sum(floors) <= total <= sum(sizes)."""
+    return round_budgets(fill_targets(shares, sizes, total, floors, allocation), sizes, total, floors)
+
+
 def harder(d: np.ndarray, uids: np.ndarray, td: np.ndarray, tu: np.ndarray) -> np.ndarray:
     """Whether (distance, uid) comes strictly before the threshold pair in hardness order
     (farther from the centroid first, then the smaller uid)."""
@@ -113,6 +171,7 @@ def harder(d: np.ndarray, uids: np.ndarray, td: np.ndarray, tu: np.ndarray) -> n
 
 class ConceptPruneStage(ClusteringStage):
     name = "concept_prune"
+    artifacts = ("concept_prune",)
     Config = ConceptPruneConfig
 
     @classmethod
@@ -209,9 +268,9 @@ class ConceptPruneStage(ClusteringStage):
                 z = complexity[nonempty] / c.temperature
                 e = np.exp(z - z.max())
                 shares[nonempty] = e / e.sum()
-            total = int(math.floor(c.keep_fraction * pool + 0.5))
-            floor = int(math.floor(c.min_cluster_share * total / max(1, int(nonempty.sum()))))
-            budgets = water_fill(shares, sizes, total, np.where(nonempty, floor, 0)) if k else np.zeros(0, np.int64)
+            total = keep_total(c.keep_fraction, pool)
+            floors = cluster_floors(sizes, total, c.min_cluster_share, k, c.floor)
+            budgets = water_fill(shares, sizes, total, floors, c.allocation) if k else np.zeros(0, np.int64)
             # the bin each cut falls in: above[j] members in higher bins, then r[j] from this one
             above_cum = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # members in bins >= b
             cut_bin = np.full(k, -1, np.int64)
@@ -228,6 +287,7 @@ class ConceptPruneStage(ClusteringStage):
                 take[j] = r if top[j] else m - r
             return {**state, "sizes": sizes, "pool": pool, "d_intra": d_intra, "d_inter": d_inter,
                     "complexity": complexity, "shares": shares, "total": total, "budgets": budgets,
+                    "floors": floors,
                     "cut_bin": cut_bin, "take": take, "top": top}
         # pass 3: exact cut pairs
         cluster = np.concatenate([p["cluster"] for p in parts]) if parts else np.zeros(0, np.int32)
@@ -266,6 +326,7 @@ class ConceptPruneStage(ClusteringStage):
             "complexity": pa.array(state["complexity"], pa.float64()),
             "share": pa.array(state["shares"], pa.float64()),
             "target": pa.array(state["shares"] * state["total"], pa.float64()),
+            "floor": pa.array(state["floors"], pa.int64()),
             "budget": pa.array(state["budgets"], pa.int64()),
             "kept": pa.array(state["budgets"], pa.int64()),
             "threshold_distance": pa.array(np.where(np.isfinite(td), td, np.nan), pa.float32()),
@@ -296,5 +357,6 @@ class ConceptPruneStage(ClusteringStage):
         table: pa.Table = state["clusters"]
         with storage.atomic_open(storage.join(output, "concept_prune", "clusters.parquet")) as f:
             pq.write_table(table, f, compression="zstd")
+        c: ConceptPruneConfig = self.config
         return {"pool": int(state["pool"]), "kept": int(state["total"]), "clusters": table.num_rows,
-                "kmeans_sample": int(state["sample_size"])}
+                "kmeans_sample": int(state["sample_size"]), "allocation": c.allocation, "floor": c.floor}

@@ -1,18 +1,21 @@
 """Stage ``semdedup``: semantic deduplication within embedding clusters.
 
 SemDeDup, "SemDeDup: Data-efficient learning at web-scale through semantic deduplication"
-(Abbas et al. 2023). Rule: the usable embeddings of the live pool (``embedding``, any float
-list column) are L2-normalised and clustered by spherical k-means (faiss, fixed seed) trained
-on a deterministic sample of at most ``kmeans_sample`` of them, and every sample is assigned to
-its most similar centroid. Within each cluster the members are ordered by cosine distance to
-the centroid, farthest first (ties: smaller ``uid`` first), and a member is a duplicate — dropped
-with reason ``semdedup`` — when its cosine similarity to any member before it in that order
-exceeds 1 - ``eps``. So of every group of near-duplicates the member least similar to the
-centroid is kept. This is the official code's default (facebookresearch/SemDeDup:
-``clustering/sort_clusters.py`` sorts each cluster by distance to the centroid in descending
-order when ``keep_hard: True``; ``semdedup.py`` takes M_j = max_{i<j} sim(i, j) over the upper
-triangle of the cluster's similarity matrix and removes j where M_j > 1 - eps), including
-that an earlier member counts even when it is itself a duplicate. Rows with no usable embedding
+(Abbas et al. 2023; reference code github.com/facebookresearch/SemDeDup). Rule: the usable
+embeddings of the live pool (``embedding``, any float list column) are L2-normalised and
+clustered by spherical k-means (faiss, fixed seed) trained on a deterministic sample of at most
+``kmeans_sample`` of them, and every sample is assigned to its most similar centroid. Within
+each cluster the members are ordered by cosine distance to the centroid, farthest first, and a
+member is a duplicate — dropped with reason ``semdedup`` — when its cosine similarity to any
+member before it in that order exceeds 1 - ``eps``. So of every group of near-duplicates the
+member least similar to the centroid is kept. This is the reference's default: its
+``clustering/sort_clusters.py`` sorts each cluster by 1 - (similarity to the centroid) in
+descending order with ``keep_hard: True`` (Python's stable sort, so ties stay in dataset
+order; here ties go to the smaller ``uid``, the pool's only order that does not depend on
+sharding); its ``semdedup.py`` takes M_j = max_{i<j} sim(i, j) over the upper triangle of the
+cluster's similarity matrix and removes j where M_j > 1 - eps — compared in float32, as torch
+compares a float32 tensor with a Python float, which this stage does too — so an earlier
+member counts even when it is itself a duplicate. Rows with no usable embedding
 are left alone. Writes ``near_dup_of`` (the earlier member it is most similar to) and
 ``near_dup_similarity`` on the dropped rows, and ``OUT/semdedup/clusters.parquet`` (size and
 duplicates per cluster).
@@ -69,6 +72,7 @@ def _uid_bytes(uids) -> np.ndarray:
 
 class SemDedupStage(ClusteringStage):
     name = "semdedup"
+    artifacts = ("semdedup",)
     Config = SemDedupConfig
 
     @classmethod
@@ -144,7 +148,7 @@ class SemDedupStage(ClusteringStage):
     def _decide(self, spills: list[str], counts: np.ndarray) -> pa.Table:
         """Read the spill files a range of clusters at a time and decide each cluster."""
         out_uid, out_of, out_sim, out_cluster = [], [], [], []
-        limit = 1.0 - self.config.eps
+        limit = np.float32(1.0 - self.config.eps)
         a = 0
         k = counts.size
         while a < k:
@@ -164,7 +168,7 @@ class SemDedupStage(ClusteringStage):
                     emb = part.column("emb").combine_chunks()
                     x = emb.flatten().to_numpy(zero_copy_only=False).reshape(hi - lo, emb.type.list_size)
                     best, arg = max_similarity_to_earlier(normalise(x))
-                    dup = np.flatnonzero(best.astype(np.float64) > limit)
+                    dup = np.flatnonzero(best > limit)  # float32 on both sides, as in the reference
                     if dup.size:
                         uid = np.asarray(part.column("uid").to_pylist(), dtype=object)
                         out_uid.extend(uid[dup])

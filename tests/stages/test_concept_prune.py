@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import make_job
 from global_driver import base_rows, drive, embedding_array, split
 from pairsift.stages.base import StageContext
-from pairsift.stages.concept_prune import ConceptPruneConfig, ConceptPruneStage, water_fill
+from pairsift.stages.concept_prune import (ConceptPruneConfig, ConceptPruneStage, cluster_floors, keep_total,
+                                          water_fill)
 
 SPREADS = (0.02, 0.02, 0.02, 0.09, 0.09, 0.09)  # three tight concepts, three spread-out ones
 
@@ -47,26 +48,48 @@ def _kept(out: pa.Table) -> np.ndarray:
 
 
 def test_water_fill_caps_redistributes_and_sums_exactly():
-    # cluster 0 wants 42 of 60 but has 10: its surplus goes 2:1 to the others (33.3 / 16.7)
-    assert water_fill(np.array([0.7, 0.2, 0.1]), np.array([10, 100, 100]), 60, np.zeros(3)).tolist() == [10, 33, 17]
-    # floors lift the small shares, the rest is shared in proportion
-    b = water_fill(np.array([0.9, 0.05, 0.05]), np.array([100, 100, 100]), 90, np.array([20, 20, 20]))
+    # cluster 0 wants 42 of 60 but has 10. The reference's program (min ||x - N.P||^2) shifts
+    # every other cluster up by the same amount (12 + 16, 6 + 16); the old scaling rule handed
+    # the surplus out 2:1 in proportion to P (33.3 / 16.7)
+    shares, sizes = np.array([0.7, 0.2, 0.1]), np.array([10, 100, 100])
+    assert water_fill(shares, sizes, 60, np.zeros(3)).tolist() == [10, 28, 22]
+    assert water_fill(shares, sizes, 60, np.zeros(3), "scale").tolist() == [10, 33, 17]
+    # floors lift the small shares; the rest follows the rule
+    b = water_fill(np.array([0.9, 0.05, 0.05]), np.array([100, 100, 100]), 90, np.array([20, 20, 20]), "scale")
     assert b.tolist() == [50, 20, 20]
+    b = water_fill(np.array([0.6, 0.3, 0.1]), np.array([100, 100, 100]), 90, np.array([20, 20, 20]))
+    # 54 - 5.5 and 27 - 5.5 (the floored cluster's extra 11 taken from the others equally), the .5 tie
+    # going to the lower index
+    assert b.tolist() == [49, 21, 20]
     rng = np.random.default_rng(1)
-    for _ in range(300):
-        k = int(rng.integers(1, 40))
-        sizes = rng.integers(0, 50, k)
-        shares = rng.dirichlet(np.ones(k)) * (sizes > 0)
-        shares = shares / shares.sum() if shares.sum() else shares
-        total = int(rng.integers(0, sizes.sum() + 1))
-        floors = np.where(sizes > 0, int(rng.uniform(0, 1) * total / max(1, (sizes > 0).sum())), 0)
-        b = water_fill(shares, sizes, total, floors)
-        assert b.sum() == total
-        assert (b <= sizes).all() and (b >= np.minimum(floors, sizes)).all()
-        free = (b > np.minimum(floors, sizes)) & (b < sizes)  # neither floored nor capped
-        if free.any():  # those are within one unit of one common λ·share
-            p = shares[free]
-            assert ((b[free] - 1) / p).max() <= ((b[free] + 1) / p).min() + 1e-9
+    for allocation in ("shift", "scale"):
+        for _ in range(300):
+            k = int(rng.integers(1, 40))
+            sizes = rng.integers(0, 50, k)
+            shares = rng.dirichlet(np.ones(k)) * (sizes > 0)
+            shares = shares / shares.sum() if shares.sum() else shares
+            total = int(rng.integers(0, sizes.sum() + 1))
+            floors = np.where(sizes > 0, int(rng.uniform(0, 1) * total / max(1, (sizes > 0).sum())), 0)
+            b = water_fill(shares, sizes, total, floors, allocation)
+            assert b.sum() == total
+            assert (b <= sizes).all() and (b >= np.minimum(floors, sizes)).all()
+            free = (b > np.minimum(floors, sizes)) & (b < sizes)  # neither floored nor capped
+            if free.any():  # those are within one unit of one common shift μ or scale λ
+                p = shares[free]
+                if allocation == "shift":
+                    assert (b[free] - 1 - total * p).max() <= (b[free] + 1 - total * p).min() + 1e-9
+                else:
+                    assert ((b[free] - 1) / p).max() <= ((b[free] + 1) / p).min() + 1e-9
+
+
+def test_keep_total_and_floors_follow_the_reference():
+    assert keep_total(0.29, 100) == 29 and keep_total(0.5, 7) == 3 and keep_total(1.0, 5) == 5
+    sizes = np.array([0, 1, 2, 50, 500])
+    # reference: int(N / k * ratio) over all k centroids, capped at size - 1; 1 when the ratio is 0
+    assert cluster_floors(sizes, 100, 0.5, 5, "reference").tolist() == [0, 0, 1, 10, 10]
+    assert cluster_floors(sizes, 100, 0.0, 5, "reference").tolist() == [0, 0, 1, 1, 1]
+    # pairsift's earlier rule: share of an equal split over the non-empty clusters, capped at size
+    assert cluster_floors(sizes, 100, 0.5, 5, "nonempty").tolist() == [0, 1, 2, 12, 12]
 
 
 # --------------------------------------------------------------------------- the rule
