@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pairsift.pipeline import storage
+from pairsift.pipeline import layout, storage
 from pairsift.pipeline.images import to_trainable
 
 
@@ -146,6 +146,10 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_emit_shard(output: str, task: EmitTask, captions_from: CaptionPolicy | None = None) -> dict:
     """Write one training shard and its metadata; return {name, samples, bytes}."""
     table = _read_slices(task)
+    # The final phase already made every image trainable (and says which it transcoded).
+    was_transcoded = table.column("transcoded").to_pylist() if "transcoded" in table.column_names else None
+    if was_transcoded is not None:
+        table = table.drop_columns(["transcoded"])
     uids = table.column("uid").to_pylist()
     captions = table.column("caption").to_pylist()
     policy = captions_from or CaptionPolicy()
@@ -160,13 +164,13 @@ def write_emit_shard(output: str, task: EmitTask, captions_from: CaptionPolicy |
     meta_cols = {c: table.column(c).to_pylist() for c in json_cols}
     images = table.column("image").to_pylist()
     exts, transcoded = [], []
-    tar_path = storage.join(output, "shards", f"{task.name}.tar")
+    tar_path = layout.shard_path(output, task.name)
     with storage.atomic_open(tar_path) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for i, uid in enumerate(uids):
                 data, ext = to_trainable(images[i])
                 exts.append(ext)
-                transcoded.append(data is not images[i])
+                transcoded.append(bool(was_transcoded[i]) if was_transcoded is not None else data is not images[i])
                 _add(tf, f"{uid}.{ext}", data)
                 _add(tf, f"{uid}.txt", (captions[i] or "").encode("utf-8"))
                 record = {c: _json_safe(meta_cols[c][i]) for c in json_cols}
@@ -175,7 +179,7 @@ def write_emit_shard(output: str, task: EmitTask, captions_from: CaptionPolicy |
     meta = meta.append_column("shard", pa.array([f"{task.name}.tar"] * meta.num_rows, pa.string()))
     meta = meta.append_column("image_ext", pa.array(exts, pa.string()))
     meta = meta.append_column("transcoded", pa.array(transcoded, pa.bool_()))
-    with storage.atomic_open(storage.join(output, "metadata", f"{task.name}.parquet")) as f:
+    with storage.atomic_open(layout.metadata_path(output, task.name)) as f:
         pq.write_table(meta, f, compression="zstd")
     fs, p = storage.fs_path(tar_path)
     return {"name": f"{task.name}.tar", "samples": table.num_rows, "bytes": fs.size(p)}

@@ -100,3 +100,16 @@ def to_trainable(data: bytes) -> tuple[bytes, str]:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return buf.getvalue(), "png"
+
+
+def make_trainable(data: bytes) -> tuple[bytes, str]:
+    """:func:`to_trainable`, with every failure to re-open or re-encode an image turned into
+    :class:`ImageRejected` (``decode_error``, or ``decompression_bomb`` past Pillow's limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return to_trainable(data)
+        except Image.DecompressionBombError as e:
+            raise ImageRejected("decompression_bomb", str(e)) from None
+        except Exception as e:  # Pillow raises many types on hostile input
+            raise ImageRejected("decode_error", f"{type(e).__name__}: {e}") from None

@@ -29,7 +29,7 @@ def funnel(stage_names: list[str], drops: Counter, total: int) -> list[dict]:
         by_stage.setdefault(stage, Counter())[reason] += n
     rows = []
     remaining = total
-    names = ["ingest"] + stage_names
+    names = list(dict.fromkeys(["ingest"] + stage_names))  # a stage listed twice is one row: drops say its name
     names += sorted(s for s in by_stage if s not in names)  # e.g. error drops of unknown stages
     for name in names:
         reasons = by_stage.get(name, Counter())
@@ -40,7 +40,12 @@ def funnel(stage_names: list[str], drops: Counter, total: int) -> list[dict]:
     return rows
 
 
-def build_manifest(spec, shards, final_summaries, emitted, stage_facts, phase_times, ray_init_s=0.0) -> dict:
+def build_manifest(spec, shards, final_summaries, emitted, stage_facts, phase_times, ray_init_s=0.0,
+                   source_errors: list[list[str]] | None = None) -> dict:
+    """``source_errors``: each input shard's read errors (from the phase that read the sources;
+    defaults to what the final summaries carry)."""
+    if source_errors is None:
+        source_errors = [s.get("source_errors", []) for s in final_summaries]
     drops: Counter = Counter()
     for s in final_summaries:
         drops.update(s["drops"])
@@ -58,8 +63,8 @@ def build_manifest(spec, shards, final_summaries, emitted, stage_facts, phase_ti
             "rejected": total - kept,
             "stages": funnel([s.name for s in spec.stages], drops, total),
         },
-        "inputs": [{"shard": sh.name, "path": sh.path, "rows": s["rows"], "source_errors": s["source_errors"]}
-                   for sh, s in zip(shards, final_summaries)],
+        "inputs": [{"shard": sh.name, "path": sh.path, "rows": s["rows"], "source_errors": errs}
+                   for sh, s, errs in zip(shards, final_summaries, source_errors)],
         "shards": emitted,
         "rejected": [f"rejected/{sh.name}.parquet" for sh in shards],
         "stage_facts": stage_facts,

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.stages import get_stage_class, stage_names
@@ -54,7 +55,20 @@ class InputSpec(_Strict):
     download_timeout: float = Field(10.0, gt=0)
     download_retries: int = Field(0, ge=0)
     download_threads: int = Field(16, ge=1)
+    #: Largest image (tar member, file, Parquet cell, download) and largest caption or
+    #: ``.json`` ingest reads, in bytes; a larger one is dropped unread as ``member_too_large``.
+    max_image_bytes: int = Field(64 * 2**20, ge=1)
+    max_text_bytes: int = Field(2**20, ge=1)
 
+    @model_serializer(mode="wrap")
+    def _omit_default_limits(self, handler):
+        """The size caps are dumped only when set: specs from before them keep their
+        fingerprint (their output is the same unless a member is over a cap)."""
+        d = handler(self)
+        for name in ("max_image_bytes", "max_text_bytes"):
+            if isinstance(d, dict) and d.get(name) == type(self).model_fields[name].default:
+                d.pop(name)
+        return d
 
     @property
     def caption_field(self) -> str:
@@ -173,9 +187,13 @@ def load_job(path: str | os.PathLike, output: str | None = None, num_cpus: int |
     if not path.is_file():
         raise ConfigError(f"job spec not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {e.start})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job spec is a mapping with name, input, output, stages")
     if output is not None:
@@ -201,4 +219,5 @@ def parse_job(raw: dict, base_dir: str | os.PathLike = ".", origin: str = "job s
 def _resolve(p: str, base: Path) -> str:
     if "://" in p or os.path.isabs(p):
         return p
-    return str((base / p).resolve()) if not any(ch in p for ch in "*?[") else str(base.resolve() / p)
+    literal = not any(ch in p for ch in "*?[") or (base / p).exists()  # a folder named br[1] is no glob
+    return str((base / p).resolve()) if literal else str(base.resolve() / p)

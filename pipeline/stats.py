@@ -164,8 +164,20 @@ def print_stats(output: str) -> None:
     print(stats_text(output))
 
 
+def sandbox(con: duckdb.DuckDBPyConnection, output: str) -> None:
+    """Lock a connection down for user SQL: files are readable under ``output`` only (the
+    registered views and the job's own Parquet), and nothing can be written, attached,
+    installed or loaded; the settings cannot be changed back."""
+    folder = os.path.abspath(output).replace("'", "''")
+    con.execute(f"SET allowed_directories=['{folder}/']")
+    con.execute("SET enable_external_access=false")
+    con.execute("SET lock_configuration=true")
+
+
 def run_sql(output: str, sql: str) -> str:
+    """Run one user query over the ``samples`` and ``rejected`` views, sandboxed."""
     con = connect(output)
+    sandbox(con, output)
     try:
         rel = con.sql(sql)
         if rel is None:  # a statement without a result (CREATE, SET, ...)

@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pairsift.pipeline import storage
-from pairsift.pipeline.errors import JobError
+from pairsift.pipeline import layout, storage
+from pairsift.pipeline.errors import ConfigError, JobError
+from pairsift.pipeline.images import ImageRejected, make_trainable
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.plan import Phase
-from pairsift.pipeline.table import live_mask, mark_dropped
+from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import Stage, StageContext
 from pairsift.stages.ingest import InputShard, input_schema, read_shard
@@ -37,12 +38,13 @@ MAX_BATCH_SIZE = 8192
 _STAGES: dict[tuple, Stage] = {}
 
 
-def work_path(output: str, phase: int, name: str) -> str:
-    return storage.join(output, "_work", f"p{phase}", f"{name}.parquet")
+work_path = layout.work_path
+rejected_path = layout.rejected_path
 
-
-def rejected_path(output: str, name: str) -> str:
-    return storage.join(output, "rejected", f"{name}.parquet")
+#: A stage that raises on every one of at least this many live rows of a shard is broken (a
+#: bug, a missing model, a dead server): the job fails naming the shard. Fewer rows, all
+#: failing, are hostile samples: each is dropped as ``error:<stage>`` and the job goes on.
+BROKEN_STAGE_MIN_ROWS = 4
 
 
 def get_stage(spec, index: int, extras: dict | None = None) -> Stage:
@@ -65,12 +67,12 @@ def get_stage(spec, index: int, extras: dict | None = None) -> Stage:
 
 def _run_guarded(fn, batch: pa.Table, stage_name: str, errors: list[str]) -> pa.Table:
     """Run ``fn`` on the batch; if it raises, run it row by row and drop the rows that
-    raise with reason ``error:<stage>`` (the cause goes to ``errors``)."""
+    raise with reason ``error:<stage>`` (the cause goes to ``errors``, one entry a row)."""
     try:
         return fn(batch)
     except Exception as batch_exc:  # noqa: BLE001 - any stage bug must not lose the shard
         if batch.num_rows <= 1:
-            errors.append(f"{type(batch_exc).__name__}: {batch_exc}")
+            errors.extend([f"{type(batch_exc).__name__}: {batch_exc}"] * batch.num_rows)
             return mark_dropped(batch, ["error:" + stage_name] * batch.num_rows, stage_name)
         parts = []
         for i in range(batch.num_rows):
@@ -110,6 +112,53 @@ def _codecs(schema: pa.Schema) -> dict[str, str]:
     return {p: ("NONE" if f.name == "image" else "ZSTD") for f in schema for p in _leaf_paths(f.name, f.type)}
 
 
+def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, Any], extras: dict | None) -> pa.Schema:
+    """The phase's output schema: its stages run on an empty batch of the input schema.
+
+    Unguarded on purpose: a stage that cannot handle an empty batch would otherwise have its
+    columns silently cast away from every real batch. Its failure is a ConfigError naming it."""
+    batch = in_schema.empty_table()
+    for step in phase.steps:
+        stage = get_stage(spec, step.stage, extras)
+        try:
+            batch = stage.apply(batch, states[step.stage]) if step.mode == "apply" else stage.process(batch)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"stage {step.name} (stages[{step.stage}]) fails on an empty batch, so its output "
+                              f"columns are unknown: {type(e).__name__}: {e}") from e
+    if phase.final:
+        batch = _trainable(batch)
+    return batch.schema
+
+
+def _trainable(batch: pa.Table) -> pa.Table:
+    """The final phase's last step, for every stage list: each live image open_clip's loader
+    cannot read as is (GIF, BMP, TIFF, ...) becomes a PNG here (``transcoded``), and one that
+    cannot be re-opened is dropped as ``decode_error`` by stage ``emit`` instead of failing
+    the emit. JPEG/PNG/WebP bytes pass through untouched."""
+    n = batch.num_rows
+    transcoded = [False] * n
+    if n and "image" in batch.column_names:
+        images = batch.column("image").to_pylist()
+        live = live_mask(batch)
+        reasons: list[str | None] = [None] * n
+        changed = False
+        for i in range(n):
+            if not live[i] or images[i] is None:
+                continue
+            try:
+                data, _ = make_trainable(images[i])
+            except ImageRejected as e:
+                reasons[i] = e.reason
+                continue
+            if data is not images[i]:
+                images[i], transcoded[i], changed = data, True, True
+        if changed:
+            batch = set_column(batch, "image", images, pa.binary())
+        if any(reasons):
+            batch = mark_dropped(batch, reasons, "emit")
+    return set_column(batch, "transcoded", transcoded, pa.bool_())
+
+
 class _Aligner:
     """Casts every batch to one schema: the phase's schema probed on an empty batch."""
 
@@ -139,18 +188,27 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     timings: Counter = Counter()
     errors: list[str] = []
     source_errors: list[str] = []
+    live_seen: Counter = Counter()  # per step: live rows it was given
+    failed: Counter = Counter()  # per step: rows it raised on
 
     def steps(batch: pa.Table) -> pa.Table:
-        for step in phase.steps:
+        for k, step in enumerate(phase.steps):
             stage = get_stage(spec, step.stage, extras)
             log.debug("shard %s: stage %s (%s) on %d rows", name, step.name, step.mode, batch.num_rows)
             t0 = time.perf_counter()
+            live_seen[k] += int(live_mask(batch).sum())
+            before = len(errors)
             if step.mode == "apply":
                 state = states[step.stage]
                 batch = _run_guarded(lambda b: stage.apply(b, state), batch, step.name, errors)
             else:
                 batch = _run_guarded(stage.process, batch, step.name, errors)
+            failed[k] += len(errors) - before
             timings[step.name] += time.perf_counter() - t0
+        if phase.final:
+            t0 = time.perf_counter()
+            batch = _trainable(batch)
+            timings["trainable"] += time.perf_counter() - t0
         return batch
 
     used = [s.stage for s in phase.steps] + ([phase.scan] if phase.scan is not None else [])
@@ -164,8 +222,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         with fs.open(p, "rb") as f:
             in_schema = pq.read_schema(f)
         batches = _work_batches(src, rows_per_batch)
-    # The phase's output schema: the stages run on an empty batch of the input schema.
-    schema = steps(in_schema.empty_table()).schema
+    schema = _probe_schema(spec, phase, in_schema, states, extras)
     align = _Aligner(schema)
 
     scan_stage = get_stage(spec, phase.scan, extras) if phase.scan is not None else None
@@ -173,7 +230,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     rows_in = kept = live_in = 0
     reasons: Counter = Counter()
     keep_path = work_path(out, phase.index, name)
-    rej_schema = pa.schema([f for f in schema if f.name != "image"])
+    rej_schema = pa.schema([f for f in schema if f.name not in ("image", "transcoded")])
 
     with ExitStack() as stack:
         wkeep = wrej = None
@@ -202,7 +259,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             if wrej is not None:
                 live = pa.array(live_mask(batch))
                 kept_batch = batch.filter(live)
-                rej = batch.filter(pc.invert(live)).drop_columns(["image"])
+                rej = batch.filter(pc.invert(live)).select(rej_schema.names)
                 kept += kept_batch.num_rows
                 for st, r in zip(rej.column("drop_stage").to_pylist(), rej.column("drop_reason").to_pylist()):
                     reasons[f"{st}\t{r}"] += 1
@@ -221,8 +278,10 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     for step in phase.steps:  # the stages' own breakdown (decode / infer / ...)
         for part, secs in get_stage(spec, step.stage, extras).take_timings().items():
             timings[f"{step.name}.{part}"] += secs
-    if live_in and errors and len(errors) >= live_in:
-        raise JobError(f"every sample of shard {shard.path} failed in phase {phase.label}: {errors[0]}")
+    for k, step in enumerate(phase.steps):
+        if failed[k] >= BROKEN_STAGE_MIN_ROWS and failed[k] >= live_seen[k]:
+            raise JobError(f"stage {step.name} failed on every one of the {failed[k]} samples of shard {shard.path} "
+                           f"(phase {phase.label}): {errors[0] if errors else ''}")
     partial = scan_stage.combine(partials) if scan_stage is not None else None
     summary = {
         "shard": name,

@@ -40,6 +40,9 @@ class Stage:
     #: Resources one worker of this stage needs; the runner sizes its pools from them.
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
+    #: Folders this stage writes directly under the job's output (``finalize``'s artifacts,
+    #: e.g. ``("metaclip",)``): recorded in ``_work/job.json`` so that ``--restart`` removes them.
+    artifacts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig, context: StageContext | None = None):
         self.config = config

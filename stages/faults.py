@@ -8,7 +8,9 @@ Rule: a live row whose caption contains ``raise_on_caption`` raises ``ValueError
 of a shard whose source path contains ``fail_shard`` raises (both only while
 ``fail_while_exists`` exists, when it is set); the first worker to see a caption
 containing ``kill_on_caption`` exits hard (``os._exit``) unless ``kill_marker`` exists, which
-it creates first, so the retry succeeds.
+it creates first, so the retry succeeds. ``fail_on_empty_batch`` raises on the worker's
+empty schema-probe batch (a configuration error naming the stage); ``num_gpus`` is what each
+worker asks for (more than the cluster has is a configuration error at preflight).
 """
 
 from __future__ import annotations
@@ -31,14 +33,23 @@ class FaultConfig(StageConfig):
     fail_while_exists: str | None = None
     #: Seconds to sleep per batch: makes a job slow enough to interrupt.
     delay_s: float = 0.0
+    #: Raise on an empty batch (the worker's schema probe), as a buggy stage would.
+    fail_on_empty_batch: bool = False
+    #: GPUs each worker asks for, as a GPU stage would (checked against the cluster at preflight).
+    num_gpus: float = 0.0
 
 
 class FaultInjectionStage(Stage):
     name = "fault_injection"
     Config = FaultConfig
 
+    def resources(self) -> dict[str, float]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.config.num_gpus}
+
     def process(self, batch: pa.Table) -> pa.Table:
         c: FaultConfig = self.config
+        if c.fail_on_empty_batch and not batch.num_rows:
+            raise RuntimeError("injected failure on an empty batch")
         if c.delay_s and batch.num_rows:
             time.sleep(c.delay_s)
         if c.fail_while_exists and not os.path.exists(c.fail_while_exists):

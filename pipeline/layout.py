@@ -1,0 +1,94 @@
+"""The one owner of a job's output layout (see ARCHITECTURE.md, "Output layout").
+
+```
+OUT/shards/NNNNNN.tar          training shards (WebDataset)
+OUT/metadata/NNNNNN.parquet    kept rows, no pixels
+OUT/rejected/NNNNNN.parquet    dropped rows with drop_stage / drop_reason
+OUT/<artifact>/...             job-level artifacts a stage declares (metaclip/, semdedup/, ...)
+OUT/manifest.json              written last: the job is complete
+OUT/report.html
+OUT/_work/job.json             the job's identity: spec fingerprint, inputs, what pairsift owns here
+OUT/_work/lock                 held while a driver runs the job
+OUT/_work/ledger/<step>/...    one commit marker (+ partial) per task
+OUT/_work/p<k>/NNNNNN.parquet  work shards of phase k
+```
+
+Every path under OUT that pairsift writes is built here, and :func:`owned_paths` lists
+them: ``--restart`` removes exactly those (and the artifacts the old job recorded), never
+anything else.
+"""
+
+from __future__ import annotations
+
+from pairsift.pipeline import storage
+
+#: Top-level names every job writes under its output folder.
+FIXED = ("_work", "shards", "metadata", "rejected", "manifest.json", "report.html")
+
+
+def work_dir(output: str) -> str:
+    return storage.join(output, "_work")
+
+
+def job_file(output: str) -> str:
+    return storage.join(output, "_work", "job.json")
+
+
+def driver_file(output: str) -> str:
+    return storage.join(output, "_work", "driver.json")
+
+
+def plan_file(output: str) -> str:
+    return storage.join(output, "_work", "plan.json")
+
+
+def lock_file(output: str) -> str:
+    return storage.join(output, "_work", "lock")
+
+
+def ledger_dir(output: str) -> str:
+    return storage.join(output, "_work", "ledger")
+
+
+def phase_dir(output: str, phase: int) -> str:
+    return storage.join(output, "_work", f"p{phase}")
+
+
+def work_path(output: str, phase: int, name: str) -> str:
+    """A work shard of phase ``phase``."""
+    return storage.join(output, "_work", f"p{phase}", f"{name}.parquet")
+
+
+def stage_work_dir(output: str, name: str) -> str:
+    """Scratch space of one stage (spill files), removed with ``_work``."""
+    return storage.join(output, "_work", name)
+
+
+def rejected_path(output: str, name: str) -> str:
+    return storage.join(output, "rejected", f"{name}.parquet")
+
+
+def shard_path(output: str, name: str) -> str:
+    return storage.join(output, "shards", f"{name}.tar")
+
+
+def metadata_path(output: str, name: str) -> str:
+    return storage.join(output, "metadata", f"{name}.parquet")
+
+
+def manifest_file(output: str) -> str:
+    return storage.join(output, "manifest.json")
+
+
+def report_file(output: str) -> str:
+    return storage.join(output, "report.html")
+
+
+def artifact_dir(output: str, artifact: str) -> str:
+    """A stage's job-level artifact folder (``OUT/metaclip``, ...)."""
+    return storage.join(output, artifact)
+
+
+def owned_paths(output: str, artifacts: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Everything under ``output`` that a job with these stage artifacts writes."""
+    return [storage.join(output, n) for n in (*FIXED, *artifacts)]
