@@ -15,9 +15,12 @@ pass 1 collects the rows whose hash falls under a threshold chosen from that cou
 trains the centroids on the driver. Later passes are the subclass's.
 
 Assignment is bit-for-bit reproducible: BLAS picks different kernels (and so different
-rounding) for matrices of a few rows, so rows are always multiplied in zero-padded blocks of
-:data:`ASSIGN_BLOCK`; a row's cluster and distance are the same whichever batch, shard or
-worker computes them. That is what lets a later pass and ``apply`` recompute them instead of
+rounding) for matrices of a few rows, and even within one product the last bit of a row's
+float32 result depends on its position in the block. So rows are multiplied in zero-padded
+blocks of :data:`ASSIGN_BLOCK` in float64 and the distances rounded to float32: a row's cluster
+and distance are the same whichever batch, shard, position or worker computes them, and two
+identical embeddings get identical distances (so their tie goes to the smaller uid, as the
+stages promise). That is what lets a later pass and ``apply`` recompute them instead of
 carrying per-row state.
 """
 
@@ -160,15 +163,17 @@ def train_kmeans(x_unit: np.ndarray, clusters: int, iterations: int, seed: int) 
 def assign(x_unit: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nearest centroid as int32, cosine distance 1 - x.c as float32) per row.
 
-    Products are taken in zero-padded blocks of :data:`ASSIGN_BLOCK` rows so that every row
-    gets the same bits whatever else is in its batch; ties go to the lower centroid index."""
+    Products are taken in float64, in zero-padded blocks of :data:`ASSIGN_BLOCK` rows, and the
+    distance rounded to float32, so that every row gets the same bits whatever else is in its
+    batch and wherever it sits in it (float32 BLAS rounds the same row differently at different
+    positions); ties go to the lower centroid index."""
     n = x_unit.shape[0]
     cluster = np.zeros(n, np.int32)
     dist = np.zeros(n, np.float32)
     if n == 0 or centroids.shape[0] == 0:
         return cluster, dist
-    ct = np.ascontiguousarray(centroids.T, dtype=np.float32)
-    buf = np.zeros((ASSIGN_BLOCK, x_unit.shape[1]), np.float32)
+    ct = np.ascontiguousarray(centroids.T, dtype=np.float64)
+    buf = np.zeros((ASSIGN_BLOCK, x_unit.shape[1]), np.float64)
     for a in range(0, n, ASSIGN_BLOCK):
         m = min(ASSIGN_BLOCK, n - a)
         buf[:m] = x_unit[a : a + m]
@@ -176,7 +181,7 @@ def assign(x_unit: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nd
         sims = buf @ ct
         best = sims.argmax(axis=1)[:m]
         cluster[a : a + m] = best
-        dist[a : a + m] = np.float32(1.0) - sims[np.arange(m), best]
+        dist[a : a + m] = (1.0 - sims[np.arange(m), best]).astype(np.float32)
     return cluster, dist
 
 

@@ -130,3 +130,20 @@ def test_sample_threshold_keeps_enough_rows():
     assert clustering.sample_threshold(10, 100) == 2**64 - 1
     t = clustering.sample_threshold(1_000_000, 1000)
     assert 1000 / 1e6 < t / 2**64 < 1300 / 1e6
+
+
+def test_assign_gives_a_row_the_same_bits_wherever_it_sits():
+    """float32 BLAS rounds the same row differently at different positions of one product (here
+    rows at positions 60-63 of every 64 take another kernel path: with a plain float32 product 38
+    of these 300 rows get a different distance at position 61 than at 0); the assignment must
+    not, or identical embeddings stop tying (and a tie's rule stops holding)."""
+    rng = np.random.default_rng(7)
+    x = normalise(rng.standard_normal((300, 384)).astype(np.float32))
+    centroids = normalise(rng.standard_normal((12, 384)).astype(np.float32))
+    cl0, d0 = assign(x, centroids)
+    for pos in (0, 61):
+        for r in range(0, 300, 2):
+            y = x[:256].copy()
+            y[pos] = x[r]
+            cl, dist = assign(y, centroids)
+            assert (cl[pos], dist[pos].tobytes()) == (cl0[r], d0[r].tobytes()), (r, pos)

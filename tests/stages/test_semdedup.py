@@ -158,3 +158,66 @@ def test_a_pool_without_usable_embeddings_passes_through(tmp_path):
     _, out, facts = drive(_stage(tmp_path), split(table, [10, 10], 4))
     assert facts["pool"] == 0 and facts["duplicates"] == 0
     assert out.column("drop_reason").to_pylist().count(None) == 19
+
+
+# --------------------------------------------------------------------------- golden: the reference's logic
+
+
+def _reference_semdedup(x: np.ndarray, centroids: np.ndarray, eps: float, keep: str = "hard") -> set[int]:
+    """facebookresearch/SemDeDup on given centroids, step by step as its code does it; returns
+    the dataset indices it removes.
+
+    clustering/clustering.py: each sample's nearest centroid by inner product (spherical
+    k-means) and that similarity. clustering/sort_clusters.py (sim_metric cosine): distance =
+    1 - similarity, each cluster sorted by it with Python's stable ``sorted`` over the members in
+    dataset order, descending for ``keep_hard`` ("easy" reverses the sorted cluster, as
+    semdedup.py's which_to_keep does). semdedup.py: the pairwise similarity of the sorted
+    members (torch, float32), diagonal zeroed, upper triangle (diagonal=1), M = column maxima,
+    remove where M > 1 - eps; a cluster of one is kept. The one liberty: the reference gets the
+    centroid similarity from faiss's float32 BLAS search, whose last bit depends on where a row
+    sits in the query batch, so two identical captions can tie or not by accident; here it is
+    taken in float64 and rounded to float32, so identical embeddings tie and the stable sort
+    keeps them in dataset order."""
+    import torch
+
+    sims = np.asarray(x, np.float64) @ np.asarray(centroids, np.float64).T
+    nearest = sims.argmax(axis=1)
+    dist_to_cent = (1.0 - sims[np.arange(len(x)), nearest]).astype(np.float32)
+    removed = set()
+    for c in range(centroids.shape[0]):
+        items = [i for i in range(len(x)) if nearest[i] == c]
+        if len(items) < 2:
+            continue
+        ordered = [i for i, _ in sorted(zip(items, dist_to_cent[items]), key=lambda t: t[1], reverse=True)]
+        if keep == "easy":
+            ordered = ordered[::-1]
+        reps = torch.tensor(x[ordered])
+        pair = reps @ reps.T
+        pair.fill_diagonal_(0.0)
+        m = torch.max(torch.triu(pair, diagonal=1), dim=0)[0]
+        removed |= {ordered[j] for j in np.flatnonzero((m > 1 - eps).numpy())}
+    return removed
+
+
+def test_golden_against_the_reference_logic_on_real_caption_embeddings(tmp_path, request):
+    """1,500 COCO captions (five per image: near-duplicates by nature), MiniLM embeddings. The
+    stage removes exactly the samples the reference code removes given the same centroids:
+    the same ordering within a cluster, the same threshold rule, the same member kept."""
+    from real_embeddings import coco_caption_embeddings
+
+    captions, x = coco_caption_embeddings(request)
+    uids = [f"{i:06d}" for i in range(len(x))]  # uid order is dataset order: ties break alike
+    table = base_rows(uids, {"image_emb": embedding_array(x)})
+    for eps in (0.1, 0.2):
+        state, out, facts = drive(_stage(tmp_path, clusters=12, eps=eps, kmeans_sample=1500),
+                                  split(table, [700, 800], 256))
+        ours = {int(u) for u in _dropped(out)}
+        expected = _reference_semdedup(x, state["centroids"], eps)
+        assert ours == expected, eps
+        assert len(expected) >= (40 if eps == 0.1 else 200)
+        # the kept member of each removed pair is the one farther from the centroid
+        cl, dist = assign(normalise(x), state["centroids"])
+        for u, of in _dropped(out).items():
+            assert cl[int(u)] == cl[int(of)] and dist[int(of)] >= dist[int(u)]
+    # the rule is not vacuous: keeping the member nearest the centroid instead changes the answer
+    assert _reference_semdedup(x, state["centroids"], 0.2, keep="easy") != expected
