@@ -233,3 +233,89 @@ def test_a_pool_without_usable_embeddings_passes_through(tmp_path):
     assert facts["pool"] == 0 and facts["clusters"] == 0
     assert out.column("drop_reason").to_pylist().count(None) == 19
     assert out.column("cluster_id").null_count == 20
+
+
+# --------------------------------------------------------------------------- golden: the reference's logic
+
+
+def _reference_dbp(x, centroids, keep_fraction, neighbours, temperature, cls_bal_ratio):
+    """amro-kamal/effective_pruning on given centroids, step by step as its code does it.
+
+    Sorted clusters as SemDeDup writes them (nearest centroid by inner product, distance =
+    1 - similarity, Python's stable sort descending over dataset order; similarities in
+    float64 rounded to float32, see test_semdedup's reference). compute_avg_dist_to_cluster_
+    centroid.py: d_intra = float32 mean of the distances. compute_centroid_distances.py: faiss
+    IndexFlatIP over the centroids, ``num_NNs + 1`` nearest, the first (itself) dropped,
+    d_inter = mean(1 - D). prune.py: complexity d_inter * d_intra, probabilities =
+    torch.nn.Softmax(complexity / temperature), pruned size = int(ratio * total), min_samples
+    = int(N / k * cls_bal_ratio) (1 when the ratio is 0), bounds (min(min_samples, size - 1),
+    size), x = solve_qp(P=I, q=-probs * N, A=1, b=N, lb, ub, solver="osqp"), rounded with
+    np.rint; each cluster keeps its first x_j (which_to_keep "hard"). Returns (sorted
+    clusters, x before rounding, x rounded, kept dataset indices)."""
+    import faiss
+    import torch
+    from qpsolvers import solve_qp
+
+    k = centroids.shape[0]
+    sims = np.asarray(x, np.float64) @ np.asarray(centroids, np.float64).T
+    nearest = sims.argmax(axis=1)
+    dist = (1.0 - sims[np.arange(len(x)), nearest]).astype(np.float32)
+    clusters = []
+    for c in range(k):
+        items = [i for i in range(len(x)) if nearest[i] == c]
+        clusters.append([i for i, _ in sorted(zip(items, dist[items]), key=lambda t: t[1], reverse=True)])
+    d_intra = np.array([dist[cl].astype("float32").mean() for cl in clusters])
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    D, _ = index.search(np.ascontiguousarray(centroids, dtype=np.float32), neighbours + 1)
+    d_inter = np.mean(1 - D[:, 1:], axis=1)
+    d_i = d_inter * d_intra
+    probs = torch.nn.Softmax(dim=0)(torch.Tensor(d_i) / temperature).numpy()
+    sizes = np.array([len(cl) for cl in clusters])
+    n_keep = int(keep_fraction * len(x))
+    min_samples = int((n_keep / k) * cls_bal_ratio) if cls_bal_ratio > 0 else 1
+    lb = np.array([min(min_samples, s - 1) for s in sizes], dtype=float)
+    from scipy import sparse
+
+    # the reference passes dense np.eye(k) and a ones vector; qpsolvers converts them to these for osqp
+    x_qp = solve_qp(P=sparse.identity(k, format="csc"), q=-probs * n_keep, A=sparse.csc_matrix(np.ones((1, k))),
+                    b=np.array([float(n_keep)]), lb=lb, ub=sizes.astype(float), solver="osqp",
+                    eps_abs=1e-9, eps_rel=1e-9, polish=True, raise_error=True)
+    x_int = np.rint(x_qp).astype(int)
+    kept = {i for cl, n in zip(clusters, x_int) for i in cl[:n]}
+    return clusters, x_qp, x_int, kept
+
+
+@pytest.mark.parametrize("keep_fraction, temperature, share", [(0.5, 0.1, 0.5), (0.3, 0.05, 0.0), (0.7, 0.1, 0.8)])
+def test_golden_against_the_reference_program_on_real_caption_embeddings(tmp_path, request, keep_fraction,
+                                                                         temperature, share):
+    """1,500 COCO captions, MiniLM embeddings, 20 clusters. Given the stage's centroids, the
+    reference's program gives every cluster the stage's budget up to its rounding (the stage
+    rounds so that the total is exact; the reference rounds each cluster to the nearest
+    integer), and the stage keeps exactly the first N_j of each cluster in the reference's order."""
+    from real_embeddings import coco_caption_embeddings
+
+    _, x = coco_caption_embeddings(request)
+    uids = [f"{i:06d}" for i in range(len(x))]  # uid order is dataset order: ties break alike
+    table = base_rows(uids, {"image_emb": embedding_array(x)})
+    cfg = dict(clusters=20, keep_fraction=keep_fraction, neighbours=5, temperature=temperature,
+               min_cluster_share=share, kmeans_sample=1500)
+    state, out, facts = drive(_stage(tmp_path, **cfg), split(table, [600, 900], 256))
+    budgets = state["clusters"].column("budget").to_numpy()
+    clusters, x_qp, x_int, ref_kept = _reference_dbp(x, state["centroids"], keep_fraction, 5, temperature, share)
+    assert all(len(c) > 1 for c in clusters)  # the reference's [size - 1, size] box needs no empty cluster
+    assert budgets.sum() == int(keep_fraction * len(x)) == facts["kept"]
+    assert np.abs(budgets - x_qp).max() < 1.0  # the same solution, each rounded down or up
+    assert np.abs(budgets - x_int).max() <= 1 and np.abs(budgets - x_int).sum() <= 2 * len(budgets)
+    # the stage's d_intra, d_inter and shares are the reference's quantities
+    ref_intra = np.array([np.mean([1.0 - float(x[i] @ state["centroids"][j]) for i in c]) for j, c in enumerate(clusters)])
+    np.testing.assert_allclose(state["clusters"].column("d_intra").to_numpy(), ref_intra, atol=1e-5)
+    kept = {int(u) for u, k in zip(out.column("uid").to_pylist(), _kept(out)) if k}
+    assert kept == {i for c, n in zip(clusters, budgets) for i in c[:n]}
+    assert len(kept ^ ref_kept) <= np.abs(budgets - x_int).sum()
+    # the old scaling rule is a different program: it misses the reference where bounds bind
+    bound = (x_qp <= [min(int(int(keep_fraction * 1500) / 20 * share) if share else 1, len(c) - 1)
+                      for c in clusters]) | (x_qp >= [len(c) for c in clusters])
+    assert bound.any() and not bound.all()
+    state_s, _, _ = drive(_stage(tmp_path, allocation="scale", **cfg), split(table, [1500], 256))
+    assert np.abs(state_s["clusters"].column("budget").to_numpy() - x_qp).max() > 1.0
