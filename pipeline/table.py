@@ -32,14 +32,34 @@ BASE_SCHEMA = pa.schema(
 BINARY_COLUMNS = ("image",)
 
 
-def make_uid(source_rel: str, key: str) -> str:
+def make_uid(source_rel: str, key: str, repeat: int = 0) -> str:
     """Stable 128-bit hex id of a sample: hash of its source path (relative to the input
-    root, so moving the data keeps the ids) and its key in that source."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(source_rel.encode("utf-8", "surrogateescape"))
-    h.update(b"\x00")
-    h.update(key.encode("utf-8", "surrogateescape"))
+    root, so moving the data keeps the ids) and its key in that source.
+
+    Unique by construction: ``repeat`` is n for the n-th repeat of ``key`` in one source (a
+    tar may hold a key twice) and is hashed as a separate field, under its own BLAKE2b
+    personalisation, with length-prefixed fields, so that no key, however it is spelt (``a#1``
+    included), gives the uid of another key's repeat. The first occurrence keeps the plain
+    ``source \\0 key`` hash that earlier outputs used. Strings are hashed as their UTF-8
+    bytes; lone surrogates (names that are not UTF-8, decoded with ``surrogateescape``) are
+    encoded one code point at a time (``surrogatepass``), which keeps the map one-to-one.
+    """
+    src, k = _utf8(source_rel), _utf8(key)
+    if repeat == 0 and b"\x00" not in src:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(src)
+        h.update(b"\x00")
+        h.update(k)
+        return h.hexdigest()
+    h = hashlib.blake2b(digest_size=16, person=b"pairsift.repeat")
+    for part in (src, k, str(repeat).encode()):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
     return h.hexdigest()
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 def live_mask(batch: pa.Table) -> np.ndarray:

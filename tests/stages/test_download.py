@@ -237,11 +237,11 @@ def test_read_url_list_formats(tmp_path):
     (tmp_path / "l.jsonl").write_text('{"url": "http://x/a.jpg", "caption": "a\u2028b"}\r\n\n{"url": "http://x/b.jpg"}\nnot json\n')
     t = read_url_list(str(tmp_path / "l.jsonl"), "l.jsonl", job.input)
     assert t.to_pydict() == {"url": ["http://x/a.jpg", "http://x/b.jpg", None], "caption": ["a\u2028b", None, None],
-                             "src_file": ["l.jsonl"] * 3, "src_row": [0, 2, 3]}
+                             "src_file": ["l.jsonl"] * 3, "src_row": [0, 2, 3], "src_error": [None] * 3}
     (tmp_path / "l.tsv").write_text("caption\turl\n5\thttp://x/a.jpg\n\thttp://x/b.jpg\n")
     t = read_url_list(str(tmp_path / "l.tsv"), "l.tsv", job.input)
     assert t.to_pydict() == {"url": ["http://x/a.jpg", "http://x/b.jpg"], "caption": ["5", ""],
-                             "src_file": ["l.tsv"] * 2, "src_row": [0, 1]}
+                             "src_file": ["l.tsv"] * 2, "src_row": [0, 1], "src_error": [None] * 2}
 
 
 def test_read_download_shard_orders_rows_and_flags_damage(tmp_path):
