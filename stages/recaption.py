@@ -6,7 +6,9 @@ LLaMA-3?", 2024: LLaVA-1.5-LLaMA3-8B, greedy, 128 new tokens, their prompt by de
 ``rewrite``: an LLM rewrites the alt text by in-context learning from ``num_examples``
 ``source => target`` pairs drawn from ``examples``, ``num_rewrites`` times with a fresh
 draw each (LaCLIP, Fan et al., "Improving CLIP Training with Language Rewrites", NeurIPS
-2023). ``fuse``: an LLM merges the alt text with a synthetic caption from ``fuse_column``
+2023; reference ``rewrite/llama_rewrite.py``: 3 examples, temperature 0.9, top-p 0.95, 77
+new tokens, and four rewrites per caption, each from its own pool of examples — ChatGPT,
+Bard, MSCOCO, human — which ``example_pools`` expresses: rewrite k draws from pool k). ``fuse``: an LLM merges the alt text with a synthetic caption from ``fuse_column``
 (e.g. the output of an earlier ``caption`` pass) into one sentence that keeps the alt text's
 real-world knowledge (CapsFusion, Yu et al., CVPR 2024; likewise VeCLIP, Lai et al., 2023).
 Rule: every live row gets ``recaption`` (a string; a list of strings when
@@ -17,6 +19,11 @@ a failed generation keeps its sample with a null recaption. Every random choice 
 sampling seeds) derives from hash(seed, uid, rewrite index). The backend (``openai``,
 ``transformers``, ``vllm``; see :mod:`pairsift.stages.llm`) only changes how the requests are
 served. Emit's ``caption_policy`` decides which text goes into the training ``.txt``.
+
+Defaults are the mode's paper's (:data:`MODE_DEFAULTS`): caption — Recap-DataComp's greedy
+decoding, 128 new tokens, one caption; rewrite — LaCLIP's sampling (temperature 0.9, top-p
+0.95), 77 new tokens, four rewrites; fuse — greedy, 128 new tokens, one caption (CapsFusion
+ran its fine-tuned fuser with its own settings; these are pairsift's).
 """
 
 from __future__ import annotations
@@ -26,13 +33,24 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA, live_mask, set_column
 from pairsift.stages.base import Stage, StageConfig
 from pairsift.stages.llm import Backend, GenRequest, derive_int
 from pairsift.stages.llm import prompts as P
+
+
+#: Per mode, the generation settings its paper used, taken where a job leaves them out.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Recap-DataComp-1B (Li et al. 2024): LLaVA-1.5-LLaMA3-8B, greedy, 128 new tokens.
+    "caption": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 128, "num_rewrites": 1},
+    # LaCLIP (rewrite/llama_rewrite.py): temperature 0.9, top_p 0.95, max_gen_len 77; four
+    # rewrites per caption (its ChatGPT, Bard, MSCOCO and human example pools).
+    "rewrite": {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 77, "num_rewrites": 4},
+    "fuse": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 128, "num_rewrites": 1},
+}
 
 
 class RecaptionConfig(StageConfig):
@@ -48,9 +66,11 @@ class RecaptionConfig(StageConfig):
     prompt: str | None = None
     #: rewrite: in-context examples, a list of {source, target} or a .json / .jsonl file of them.
     examples: str | list[dict[str, str]] | None = None
+    #: rewrite: several pools (each like ``examples``); rewrite k draws from pool k mod len (LaCLIP).
+    example_pools: list[str | list[dict[str, str]]] | None = Field(None, min_length=1)
     #: rewrite: examples per prompt (LaCLIP used 3).
     num_examples: int = Field(3, ge=0)
-    #: Generations per sample; more than 1 makes ``recaption`` a list<string>.
+    #: Generations per sample; more than 1 makes ``recaption`` a list<string> (default: the mode's).
     num_rewrites: int = Field(1, ge=1, le=32)
     #: fuse: the column holding the synthetic caption to fuse with the alt text.
     fuse_column: str | None = None
@@ -58,8 +78,11 @@ class RecaptionConfig(StageConfig):
     output_column: str = "recaption"
     #: Use the chat template / chat API (null: whenever the model or server has one).
     chat: bool | None = None
+    #: Default: the mode's paper's (:data:`MODE_DEFAULTS`), as are temperature, top_p and num_rewrites.
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+    #: Nucleus sampling (used when temperature > 0).
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
     #: Requests in flight per worker (openai: connection pool; transformers: batch size).
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(60.0, gt=0)
@@ -73,6 +96,13 @@ class RecaptionConfig(StageConfig):
     #: openai: ask the server in preflight whether it serves ``model``.
     check_endpoint: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") in MODE_DEFAULTS:
+            data = {**MODE_DEFAULTS[data["mode"]], **data}
+        return data
+
 
 def make_backend(c: RecaptionConfig, seed: int = 0) -> Backend:
     """The configured backend, not yet loaded."""
@@ -80,18 +110,18 @@ def make_backend(c: RecaptionConfig, seed: int = 0) -> Backend:
         from pairsift.stages.llm.openai_backend import OpenAIBackend
 
         return OpenAIBackend(c.model, c.endpoint, c.api_key_env, max_new_tokens=c.max_new_tokens,
-                             temperature=c.temperature, chat=c.chat, concurrency=c.concurrency,
+                             temperature=c.temperature, top_p=c.top_p, chat=c.chat, concurrency=c.concurrency,
                              timeout_s=c.timeout_s, retries=c.retries, check_endpoint=c.check_endpoint)
     if c.backend == "transformers":
         from pairsift.stages.llm.transformers_backend import TransformersBackend
 
         return TransformersBackend(c.model, vision=c.mode == "caption", max_new_tokens=c.max_new_tokens,
-                                   temperature=c.temperature, chat=c.chat, batch_size=c.concurrency,
+                                   temperature=c.temperature, top_p=c.top_p, chat=c.chat, batch_size=c.concurrency,
                                    model_kwargs=c.engine_args)
     from pairsift.stages.llm.vllm_backend import VllmBackend
 
-    return VllmBackend(c.model, max_new_tokens=c.max_new_tokens, temperature=c.temperature, chat=c.chat,
-                       engine_args=c.engine_args, seed=seed)
+    return VllmBackend(c.model, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                       chat=c.chat, engine_args=c.engine_args, seed=seed)
 
 
 class RecaptionStage(Stage):
@@ -102,15 +132,23 @@ class RecaptionStage(Stage):
         super().__init__(config, context)
         self.template = config.prompt if config.prompt is not None else P.DEFAULT_PROMPTS[config.mode]
         self.backend: Backend | None = None
-        self._examples: list[P.Example] | None = None
+        self._pools: list[list[P.Example]] | None = None
         self._generate_s = 0.0
 
     # -- configuration -------------------------------------------------------------------
     @property
+    def pools(self) -> list[list[P.Example]]:
+        """The example pools: ``example_pools``, or ``examples`` as the one pool (maybe empty)."""
+        if self._pools is None:
+            c: RecaptionConfig = self.config
+            specs = c.example_pools if c.example_pools is not None else [c.examples]
+            self._pools = [P.load_examples(spec) for spec in specs]
+        return self._pools
+
+    @property
     def examples(self) -> list[P.Example]:
-        if self._examples is None:
-            self._examples = P.load_examples(self.config.examples)
-        return self._examples
+        """Every example of every pool, in order."""
+        return [e for pool in self.pools for e in pool]
 
     def output_type(self) -> pa.DataType:
         return pa.list_(pa.string()) if self.config.num_rewrites > 1 else pa.string()
@@ -146,13 +184,20 @@ class RecaptionStage(Stage):
         for col in (c.output_column, f"{c.output_column}_model", f"{c.output_column}_error"):
             if col in protected or col == c.fuse_column:
                 raise ConfigError(f"recaption.output_column: {c.output_column!r} would overwrite column {col!r}")
-        if c.examples is not None and c.mode != "rewrite":
-            raise ConfigError("recaption.examples: only rewrite mode uses in-context examples")
+        for key in ("examples", "example_pools"):
+            if getattr(c, key) is not None and c.mode != "rewrite":
+                raise ConfigError(f"recaption.{key}: only rewrite mode uses in-context examples")
+        if c.examples is not None and c.example_pools is not None:
+            raise ConfigError("recaption.example_pools: give examples (one pool) or example_pools, not both")
+        key = "example_pools" if c.example_pools is not None else "examples"
         try:
-            pool = self.examples
+            pools = self.pools
         except ValueError as e:
-            raise ConfigError(f"recaption.examples: {e}") from None
-        if c.num_rewrites > 1 and c.temperature == 0 and not (c.mode == "rewrite" and len(pool) > 1 and c.num_examples):
+            raise ConfigError(f"recaption.{key}: {e}") from None
+        if c.example_pools is not None and not all(pools):
+            raise ConfigError("recaption.example_pools: every pool needs at least one example")
+        varied = len(pools) > 1 or len(pools[0]) > 1
+        if c.num_rewrites > 1 and c.temperature == 0 and not (c.mode == "rewrite" and varied and c.num_examples):
             raise ConfigError(f"recaption.num_rewrites: {c.num_rewrites} greedy generations from one prompt are "
                               f"identical; set temperature > 0 (or, in rewrite mode, give examples to draw from)")
         if c.mode == "caption" and c.chat is False and c.backend != "transformers":
@@ -236,12 +281,13 @@ class RecaptionStage(Stage):
     def request(self, uid: str, caption: str | None, image: bytes | None, synthetic: str | None,
                 k: int) -> GenRequest:
         """Generation ``k`` of sample ``uid``: its prompt (examples drawn by hash(seed, uid,
-        k)), its image in caption mode, and its sampling seed."""
+        k) from pool k mod the number of pools), its image in caption mode, and its sampling seed."""
         c: RecaptionConfig = self.config
         seed = self.context.seed
         examples = []
         if c.mode == "rewrite" and c.num_examples:
-            examples = P.draw_examples(self.examples, c.num_examples, seed, uid, k)
+            pools = self.pools
+            examples = P.draw_examples(pools[k % len(pools)], c.num_examples, seed, uid, k)
         prompt = P.render(self.template,
                           caption=P.clip_text(caption, c.max_input_chars) if caption else None,
                           synthetic=P.clip_text(synthetic, c.max_input_chars) if synthetic else None,
@@ -261,6 +307,7 @@ class RecaptionStage(Stage):
             "chat": "auto" if c.chat is None else c.chat,
             "max_new_tokens": c.max_new_tokens,
             "temperature": c.temperature,
+            "top_p": c.top_p,
             "num_rewrites": c.num_rewrites,
             "columns": {"text": c.output_column, "model": f"{c.output_column}_model",
                         "error": f"{c.output_column}_error", "type": str(self.output_type())},
@@ -268,10 +315,14 @@ class RecaptionStage(Stage):
         if c.mode == "fuse":
             facts["fuse_column"] = c.fuse_column
         if c.mode == "rewrite":
+            pools = self.pools
             pool = self.examples
             facts["examples"] = {"source": c.examples if isinstance(c.examples, str) else ("inline" if pool else None),
-                                 "count": len(pool), "per_prompt": min(c.num_examples, len(pool)),
+                                 "count": len(pool), "per_prompt": min([c.num_examples] + [len(q) for q in pools]),
                                  "sha256": P.examples_sha256(pool) if pool else None}
+            if c.example_pools is not None:
+                facts["examples"]["source"] = [q if isinstance(q, str) else "inline" for q in c.example_pools]
+                facts["examples"]["pools"] = [len(q) for q in pools]
         return facts
 
 

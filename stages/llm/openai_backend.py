@@ -24,7 +24,7 @@ class OpenAIBackend(Backend):
     name = "openai"
 
     def __init__(self, model: str, endpoint: str | None, api_key_env: str | None = None, *,
-                 max_new_tokens: int = 128, temperature: float = 0.0, chat: bool | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, chat: bool | None = None,
                  concurrency: int = 8, timeout_s: float = 60.0, retries: int = 3,
                  check_endpoint: bool = True):
         self.model = model
@@ -32,6 +32,7 @@ class OpenAIBackend(Backend):
         self.api_key_env = api_key_env
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.top_p = top_p
         self.uses_chat = True if chat is None else chat
         self.concurrency = concurrency
         self.timeout_s = timeout_s
@@ -94,6 +95,8 @@ class OpenAIBackend(Backend):
         body: dict = {"model": self.model, "max_tokens": self.max_new_tokens, "temperature": self.temperature}
         if self.temperature > 0:
             body["seed"] = request.seed
+            if self.top_p < 1.0:
+                body["top_p"] = self.top_p
         if self.uses_chat:
             body["messages"] = chat_messages(request)
         else:

@@ -7,8 +7,8 @@ when it has one (``chat: null``) or as plain text. Caption mode loads
 Qwen2-VL, SmolVLM, ...) gets the image and the prompt as one user turn, as Recap-DataComp
 prompted LLaVA; a plain captioner without one (BLIP, GIT, ViT-GPT2) captions the image
 unprompted. Greedy decoding runs ``concurrency`` requests per ``generate()`` call, left
-padded; sampling (temperature > 0) runs one request at a time, seeded with the request's
-seed, so every sample's text depends on its own seed only. A batch that raises is rerun
+padded; sampling (temperature > 0, nucleus ``top_p``) runs one request at a time, seeded with
+the request's seed, so every sample's text depends on its own seed only. A batch that raises is rerun
 request by request, so one bad image costs one sample.
 """
 
@@ -26,12 +26,13 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, model: str, vision: bool, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 chat: bool | None = None, batch_size: int = 8, model_kwargs: dict | None = None,
+                 top_p: float = 1.0, chat: bool | None = None, batch_size: int = 8, model_kwargs: dict | None = None,
                  device: str | None = None):
         self.model_name = model
         self.vision = vision
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.top_p = top_p
         self.chat = chat
         self.batch_size = max(1, batch_size)
         self.model_kwargs = dict(model_kwargs or {})
@@ -135,6 +136,7 @@ class TransformersBackend(Backend):
         gen = {"max_new_tokens": self.max_new_tokens, "do_sample": sampling}
         if sampling:
             gen["temperature"] = self.temperature
+            gen["top_p"] = self.top_p
             torch.manual_seed(chunk[0].seed)
         tok = self._tokenizer
         if tok is not None and tok.pad_token_id is not None:

@@ -22,22 +22,24 @@ from pairsift.pipeline.errors import ConfigError
 from pairsift.stages.llm import Backend, GenRequest, Generation, chat_messages, short_error
 
 
-def sampling_kwargs(request: GenRequest, max_new_tokens: int, temperature: float) -> dict:
+def sampling_kwargs(request: GenRequest, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> dict:
     """``vllm.SamplingParams`` keyword arguments of one request."""
     kw: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "n": 1}
     if temperature > 0:
         kw["seed"] = request.seed
+        if top_p < 1.0:
+            kw["top_p"] = top_p
     return kw
 
 
 def build_requests(requests: Sequence[GenRequest], chat: bool, max_new_tokens: int,
-                   temperature: float) -> tuple[list, list[dict]]:
+                   temperature: float, top_p: float = 1.0) -> tuple[list, list[dict]]:
     """The engine inputs (one conversation per request for ``LLM.chat``, one prompt string
     per request for ``LLM.generate``) and each request's sampling keyword arguments."""
     if not chat and any(r.image is not None for r in requests):
         raise ValueError("images need chat prompts (the model's chat template places them)")
     inputs = [chat_messages(r) if chat else r.prompt for r in requests]
-    return inputs, [sampling_kwargs(r, max_new_tokens, temperature) for r in requests]
+    return inputs, [sampling_kwargs(r, max_new_tokens, temperature, top_p) for r in requests]
 
 
 def parse_outputs(outputs: Sequence[Any], expected: int) -> list[Generation]:
@@ -62,11 +64,12 @@ def parse_outputs(outputs: Sequence[Any], expected: int) -> list[Generation]:
 class VllmBackend(Backend):
     name = "vllm"
 
-    def __init__(self, model: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
+    def __init__(self, model: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  chat: bool | None = None, engine_args: dict | None = None, seed: int = 0):
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.top_p = top_p
         self.chat = chat
         self.engine_args = dict(engine_args or {})
         self.seed = seed
@@ -101,7 +104,7 @@ class VllmBackend(Backend):
             return [g for r in requests for g in self.generate([r])]
 
     def _run(self, requests: Sequence[GenRequest]) -> list[Generation]:
-        inputs, kwargs = build_requests(requests, self.uses_chat, self.max_new_tokens, self.temperature)
+        inputs, kwargs = build_requests(requests, self.uses_chat, self.max_new_tokens, self.temperature, self.top_p)
         params = [self._sampling_params(**kw) for kw in kwargs]
         if self.uses_chat:
             outputs = self._llm.chat(inputs, sampling_params=params, use_tqdm=False)

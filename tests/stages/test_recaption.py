@@ -98,7 +98,12 @@ def _table(captions, images=None, dropped=(), **extra) -> pa.Table:
 
 
 def _stage(seed: int = 0, **cfg) -> RecaptionStage:
+    """A stage for plumbing tests: few new tokens, and in rewrite mode one greedy rewrite unless
+    the test says otherwise (the papers' defaults are tested on their own)."""
     cfg.setdefault("max_new_tokens", NEW)
+    if cfg.get("mode") == "rewrite":
+        cfg.setdefault("num_rewrites", 1)
+        cfg.setdefault("temperature", 0.0)
     return RecaptionStage(RecaptionConfig(**cfg), StageContext(seed=seed))
 
 
@@ -177,6 +182,53 @@ def test_examples_from_files(tmp_path):
     assert len(P.load_examples(str(tmp_path / "ex.json"))) == 3
     with pytest.raises(ValueError, match=r"bad.json\[0\]"):
         P.load_examples(str(tmp_path / "bad.json"))
+
+
+def test_defaults_are_the_papers():
+    """rewrite: LaCLIP's llama_rewrite.py (temperature 0.9, top_p 0.95, max_gen_len 77) and its
+    four rewrites per caption; caption: Recap-DataComp's greedy 128 tokens; a job's own values win."""
+    rewrite = RecaptionConfig(mode="rewrite", backend="openai", model="m")
+    assert (rewrite.temperature, rewrite.top_p, rewrite.max_new_tokens, rewrite.num_rewrites) == (0.9, 0.95, 77, 4)
+    assert rewrite.num_examples == 3
+    caption = RecaptionConfig(mode="caption", backend="openai", model="m")
+    assert (caption.temperature, caption.top_p, caption.max_new_tokens, caption.num_rewrites) == (0.0, 1.0, 128, 1)
+    fuse = RecaptionConfig(mode="fuse", backend="openai", model="m", fuse_column="c")
+    assert (fuse.temperature, fuse.max_new_tokens, fuse.num_rewrites) == (0.0, 128, 1)
+    own = RecaptionConfig(mode="rewrite", backend="openai", model="m", temperature=0.2, num_rewrites=2)
+    assert (own.temperature, own.top_p, own.max_new_tokens, own.num_rewrites) == (0.2, 0.95, 77, 2)
+    # the settings reach every backend's request
+    stage = RecaptionStage(rewrite, StageContext(seed=0))
+    req = stage.request("u1", "a dog", None, None, 0)
+    body = OpenAIBackend("m", "http://h/v1", max_new_tokens=77, temperature=0.9, top_p=0.95).request_body(req)
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (77, 0.9, 0.95, req.seed)
+    assert build_requests([req], chat=False, max_new_tokens=77, temperature=0.9, top_p=0.95)[1] == [
+        {"max_tokens": 77, "temperature": 0.9, "top_p": 0.95, "n": 1, "seed": req.seed}]
+    assert stage.output_type() == pa.list_(pa.string())
+    assert stage.summary()["top_p"] == 0.95
+
+
+def test_each_rewrite_draws_from_its_own_pool(tiny_lm):
+    """LaCLIP rewrote every caption four times, each with examples from one of its four pools
+    (ChatGPT, Bard, MSCOCO, human): rewrite k draws from pool k."""
+    pools = [[{"source": f"pool{p} alt {i}", "target": f"Pool {p} caption {i}."} for i in range(5)] for p in range(4)]
+    stage = _stage(mode="rewrite", backend="transformers", model=tiny_lm, example_pools=pools, num_rewrites=4,
+                   temperature=0.9)
+    for k in range(4):
+        prompt = stage.request("uid7", "a cat on a mat", None, None, k).prompt
+        assert prompt.count(f"pool{k} alt") == 3 and prompt.count("pool") == 3
+    out = _run(stage, _table(["a cat on a mat", "dog in the park"]))
+    assert [len(r) for r in out.column("recaption").to_pylist()] == [4, 4]
+    again = _run(_stage(mode="rewrite", backend="transformers", model=tiny_lm, example_pools=pools, num_rewrites=4,
+                        temperature=0.9), _table(["a cat on a mat", "dog in the park"]))
+    assert again.column("recaption").to_pylist() == out.column("recaption").to_pylist()  # sampled, seeded
+    facts = stage.summary()["examples"]
+    assert facts["pools"] == [5, 5, 5, 5] and facts["count"] == 20 and facts["source"] == ["inline"] * 4
+    with pytest.raises(ConfigError, match="recaption.example_pools: give examples"):
+        _stage(mode="rewrite", backend="transformers", model=tiny_lm, example_pools=pools, examples=EXAMPLES).preflight()
+    with pytest.raises(ConfigError, match="recaption.example_pools: only rewrite"):
+        _stage(mode="caption", backend="transformers", model=tiny_lm, example_pools=pools).preflight()
+    with pytest.raises(ConfigError, match="recaption.example_pools: every pool"):
+        _stage(mode="rewrite", backend="transformers", model=tiny_lm, example_pools=[pools[0], []]).preflight()
 
 
 # -- configuration errors ------------------------------------------------------------------
@@ -447,8 +499,9 @@ def _tar_texts(out) -> dict[str, tuple[str, dict]]:
 def test_job_recaptions_and_emits_by_caption_policy(ray_session, sample_pool, lm_server, tmp_path):
     lm_server.reset()
     stages = [{"quality": {}},
-              {"recaption": {"mode": "rewrite", "backend": "openai", "model": "tiny-lm",
-                             "endpoint": lm_server.url, "examples": EXAMPLES, "max_new_tokens": NEW}}]
+              {"recaption": {"mode": "rewrite", "backend": "openai", "model": "tiny-lm", "num_rewrites": 1,
+                             "temperature": 0.0, "endpoint": lm_server.url, "examples": EXAMPLES,
+                             "max_new_tokens": NEW}}]
     out = tmp_path / "out"
     result = run_job_quiet(make_job(sample_pool, out, stages=stages,
                                     emit={"caption_policy": "mix", "p_original": 0.5}))
@@ -482,8 +535,8 @@ def test_killed_job_resumes_without_repeating_committed_shards(ray_session, lm_s
     flag = tmp_path / "outage"
     flag.write_text("on")
     stages = [{"quality": {}},
-              {"recaption": {"mode": "rewrite", "backend": "openai", "model": "tiny-lm",
-                             "endpoint": lm_server.url, "max_new_tokens": NEW}},
+              {"recaption": {"mode": "rewrite", "backend": "openai", "model": "tiny-lm", "num_rewrites": 1,
+                             "temperature": 0.0, "endpoint": lm_server.url, "max_new_tokens": NEW}},
               {"fault_injection": {"fail_shard": "00003.tar", "fail_while_exists": str(flag)}}]
     out = tmp_path / "out"
     spec = make_job(pool, out, stages=stages, ray={"num_cpus": 1})
