@@ -25,13 +25,19 @@ import difflib
 import json
 import os
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import urlparse
+
+import numpy as np
 
 from pairsift.pipeline.errors import ConfigError
 
+#: The configuration key errors name by default (the parrot stage passes ``parrot.clip``).
+WHERE = "clip_score"
 RANDOM = "random"
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
@@ -68,34 +74,34 @@ def register(model: str) -> str:
     return arch_name(model)
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str, where: str = WHERE) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"clip_score.model: model config file not found: {path}") from None
+        raise ConfigError(f"{where}.model: model config file not found: {path}") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"clip_score.model: cannot read model config {path}: {e}") from None
+        raise ConfigError(f"{where}.model: cannot read model config {path}: {e}") from None
     if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise ConfigError(f"clip_score.model: {path} is not an open_clip model config "
+        raise ConfigError(f"{where}.model: {path} is not an open_clip model config "
                           f"(needs embed_dim, vision_cfg and text_cfg)")
     return cfg
 
 
-def model_config(model: str) -> dict:
+def model_config(model: str, where: str = WHERE) -> dict:
     """The architecture config of ``model`` (for ``hf-hub:`` read from the Hub cache)."""
     if is_config_file(model):
-        return read_config_file(model)
+        return read_config_file(model, where)
     import open_clip
 
     cfg = open_clip.get_model_config(arch_name(model))
     if cfg is None:
-        raise ConfigError(f"clip_score.model: no open_clip model config for {model!r}")
+        raise ConfigError(f"{where}.model: no open_clip model config for {model!r}")
     return cfg
 
 
-def embed_dim(model: str) -> int:
-    return int(model_config(model)["embed_dim"])
+def embed_dim(model: str, where: str = WHERE) -> int:
+    return int(model_config(model, where)["embed_dim"])
 
 
 # --------------------------------------------------------------------------- weights
@@ -134,21 +140,21 @@ def _hub_weight_names(filename: str | None) -> tuple[str, ...]:
     return (filename,)
 
 
-def split_hub(ref: str) -> tuple[str, str | None]:
+def split_hub(ref: str, where: str = WHERE) -> tuple[str, str | None]:
     """``org/repo`` -> (``org/repo``, None); ``org/repo/dir/file`` -> (``org/repo``, ``dir/file``)."""
     parts = ref.strip("/").split("/")
     if len(parts) < 2 or not all(parts[:2]):
-        raise ConfigError(f"clip_score.pretrained: {HF_HUB}{ref} is not hf-hub:org/repo[/file]")
+        raise ConfigError(f"{where}.pretrained: {HF_HUB}{ref} is not hf-hub:org/repo[/file]")
     return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
 
 
-def resolve(model: str, pretrained: str | None) -> Weights:
+def resolve(model: str, pretrained: str | None, where: str = WHERE) -> Weights:
     """Check the names (without touching the network) and say which files they need.
 
     Raises :class:`ConfigError` naming the key for unknown architectures, tags and files.
     A config file with a checkpoint file is checked without importing open_clip (torch)."""
     if is_config_file(model):
-        read_config_file(model)
+        read_config_file(model, where)
         if pretrained and (pretrained == RANDOM or os.path.isfile(pretrained)):
             return Weights(model, pretrained, local_file="" if pretrained == RANDOM else pretrained)
     import open_clip
@@ -156,30 +162,30 @@ def resolve(model: str, pretrained: str | None) -> Weights:
     if model.startswith(LOCAL_DIR):
         folder = Path(model[len(LOCAL_DIR):])
         if not (folder / "open_clip_config.json").is_file():
-            raise ConfigError(f"clip_score.model: {model}: no open_clip_config.json in {folder}")
+            raise ConfigError(f"{where}.model: {model}: no open_clip_config.json in {folder}")
     elif not model.startswith(HF_HUB) and not is_config_file(model) and arch_name(model) not in open_clip.list_models():
         close = difflib.get_close_matches(arch_name(model), open_clip.list_models(), n=5)
-        raise ConfigError(f"clip_score.model: unknown open_clip model {model!r}"
+        raise ConfigError(f"{where}.model: unknown open_clip model {model!r}"
                           + (f"; did you mean {', '.join(close)}?" if close else "")
                           + " (or give the path of a model config .json)")
 
     if has_schema(model):
         if pretrained not in (None, ""):
-            raise ConfigError(f"clip_score.pretrained: must be empty when model is {model!r} "
+            raise ConfigError(f"{where}.pretrained: must be empty when model is {model!r} "
                               f"(the weights come from there)")
         if model.startswith(HF_HUB):
-            repo, _ = split_hub(model[len(HF_HUB):])
+            repo, _ = split_hub(model[len(HF_HUB):], where)
             return Weights(model, None, hub_files=((repo, "open_clip_config.json"), (repo, None)))
         return Weights(model, None)
 
     if not pretrained:
-        raise ConfigError(f"clip_score.pretrained: {model!r} needs weights: an open_clip tag "
+        raise ConfigError(f"{where}.pretrained: {model!r} needs weights: an open_clip tag "
                           f"({', '.join(open_clip.list_pretrained_tags_by_model(arch_name(model))) or 'none known'}), "
                           f"hf-hub:org/repo, a checkpoint file, or 'random'")
     if pretrained == RANDOM:
         return Weights(model, pretrained)
     if pretrained.startswith(HF_HUB):
-        repo, filename = split_hub(pretrained[len(HF_HUB):])
+        repo, filename = split_hub(pretrained[len(HF_HUB):], where)
         return Weights(model, pretrained, hub_files=((repo, filename),))
     cfg = open_clip.get_pretrained_cfg(arch_name(model), pretrained)
     if cfg:
@@ -194,7 +200,7 @@ def resolve(model: str, pretrained: str | None) -> Weights:
     if os.path.isfile(pretrained):
         return Weights(model, pretrained, local_file=pretrained)
     tags = open_clip.list_pretrained_tags_by_model(arch_name(model))
-    raise ConfigError(f"clip_score.pretrained: {pretrained!r} is neither a checkpoint file nor an open_clip tag "
+    raise ConfigError(f"{where}.pretrained: {pretrained!r} is neither a checkpoint file nor an open_clip tag "
                       f"of {model!r}" + (f" (its tags: {', '.join(tags)})" if tags else ""))
 
 
@@ -255,13 +261,13 @@ def unreachable(w: Weights) -> str | None:
     return None
 
 
-def ensure_weights(w: Weights) -> list[str]:
+def ensure_weights(w: Weights, where: str = WHERE) -> list[str]:
     """Preflight: the weights are cached, or fetched now; else a ConfigError naming the model
     and both fixes."""
     if w.pretrained == RANDOM:
         return []
     if w.local_file and not os.path.isfile(w.local_file):
-        raise ConfigError(f"clip_score.pretrained: checkpoint file not found: {w.local_file}")
+        raise ConfigError(f"{where}.pretrained: checkpoint file not found: {w.local_file}")
     files = cached_files(w)
     if files is not None:
         return files
@@ -278,16 +284,16 @@ def ensure_weights(w: Weights) -> list[str]:
     from huggingface_hub import constants
 
     raise ConfigError(
-        f"clip_score: the weights of {w.label} ({where}) are not in the local cache and cannot be "
+        f"{where}: the weights of {w.label} ({where}) are not in the local cache and cannot be "
         f"fetched: {why}. Either fetch them into the cache on a connected machine with "
         f"`pairsift models pull {w.pull_name}` (and copy the cache, {constants.HF_HUB_CACHE}, to this "
         f"machine or set HF_HOME to a copy of it), or point `pretrained` at a local checkpoint file "
         f"(pretrained: /path/to/open_clip_model.safetensors).")
 
 
-def check_tokenizer_files(model: str) -> None:
+def check_tokenizer_files(model: str, where: str = WHERE) -> None:
     """Architectures with a Hugging Face text tower or tokenizer need its files too."""
-    text_cfg = model_config(model).get("text_cfg", {})
+    text_cfg = model_config(model, where).get("text_cfg", {})
     repos = {text_cfg.get("hf_tokenizer_name") or "", text_cfg.get("hf_model_name") or ""} - {""}
     if not repos or not offline():
         return
@@ -296,12 +302,48 @@ def check_tokenizer_files(model: str) -> None:
     for repo in sorted(repos):
         if not any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("config.json", "tokenizer_config.json")):
             raise ConfigError(
-                f"clip_score: {model!r} needs the Hugging Face files of {repo} (text tower / tokenizer), "
+                f"{where}: {model!r} needs the Hugging Face files of {repo} (text tower / tokenizer), "
                 f"which are not cached and this machine is offline. Fetch them on a connected machine "
                 f"with `pairsift models pull {model}:<pretrained>` and copy the cache here.")
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _tag_config(arch: str, pretrained: str | None) -> dict:
+    """open_clip's pretrained config for ``pretrained`` under architecture ``arch``: a tag, or
+    ``hf-hub:org/repo[/file]`` naming the Hub repo of one of the architecture's tags; else {}."""
+    import open_clip
+
+    if not pretrained or pretrained == RANDOM:
+        return {}
+    if not pretrained.startswith(HF_HUB):
+        return open_clip.get_pretrained_cfg(arch, pretrained) or {}
+    repo = "/".join(pretrained[len(HF_HUB):].strip("/").split("/")[:2])
+    for tag in open_clip.list_pretrained_tags_by_model(arch):
+        cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        if cfg.get("hf_hub") and os.path.dirname(cfg["hf_hub"]) == repo:
+            return cfg
+    return {}
+
+
+def quick_gelu(model: str, pretrained: str | None) -> bool:
+    """Whether ``model`` with ``pretrained`` runs with QuickGELU (x * sigmoid(1.702 x)).
+
+    OpenAI's CLIP (Radford et al. 2021) was trained with QuickGELU, and so were the other
+    weights whose open_clip pretrained config says ``quick_gelu: True`` (OpenAI's, MetaCLIP 1's,
+    ...). open_clip 3's plain architectures (``ViT-B-32``, ``ViT-L-14``) use ``nn.GELU`` and
+    only warn when such weights are loaded into them; the numbers are then not OpenAI CLIP's.
+    Rule: QuickGELU when the architecture's config says so (``ViT-B-32-quickgelu``, a config
+    file with ``quick_gelu: true``, an ``hf-hub:``/``local-dir:`` model's ``open_clip_config.json``)
+    or when the pretrained tag's config does (``pretrained: hf-hub:org/repo`` counts as the tag
+    whose Hub repo it names). A local checkpoint file carries no such flag: name the
+    ``-quickgelu`` architecture for one with QuickGELU weights."""
+    if model_config(model).get("quick_gelu"):
+        return True
+    if is_config_file(model) or has_schema(model):
+        return False
+    return bool(_tag_config(arch_name(model), pretrained).get("quick_gelu"))
 
 
 @dataclass
@@ -312,10 +354,20 @@ class LoadedModel:
     device: Any
     input_dtype: Any  # dtype images are cast to (None: float32)
     embed_dim: int
+    quick_gelu: bool = False  # the model runs QuickGELU (see :func:`quick_gelu`)
+
+    def image_tensor(self, img) -> Any:
+        """A PIL image as the model's input, decoded the way open_clip_train's loader feeds
+        training: converted to RGB first (webdataset's ``pilrgb``), then open_clip's inference
+        ``preprocess``. (The transform's own RGB conversion comes after the resize, so a
+        palette, bilevel or greyscale image would be resized in its own mode.)"""
+        return self.preprocess(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def load(model: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32") -> LoadedModel:
-    """Create the model, its inference preprocess and its tokenizer with open_clip."""
+def load(model: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32",
+         where: str = WHERE) -> LoadedModel:
+    """Create the model, its inference preprocess and its tokenizer with open_clip, with
+    QuickGELU where the weights were trained with it (:func:`quick_gelu`)."""
     import open_clip
     import torch
 
@@ -323,15 +375,96 @@ def load(model: str, pretrained: str | None, device: str = "cpu", precision: str
     if pretrained == RANDOM:
         weights = None
     elif pretrained and pretrained.startswith(HF_HUB):
-        weights = fetch(resolve(model, pretrained))[0]  # a cache hit when preflight ran
+        weights = fetch(resolve(model, pretrained, where))[0]  # a cache hit when preflight ran
     else:
         weights = pretrained or None
+    quick = quick_gelu(model, pretrained)
     net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device,
-                                                               precision=precision)
+                                                               precision=precision, force_quick_gelu=quick)
     net.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(net, preprocess, tokenizer, torch.device(device), open_clip.get_input_dtype(precision),
-                       embed_dim(model))
+                       embed_dim(model, where), quick)
+
+
+# --------------------------------------------------------------------------- running
+
+#: On CPU every model call embeds at most this many pairs, with one torch thread.
+CPU_BATCH = 16
+
+
+def embed_batch(m: LoadedModel, pixels, tokens) -> tuple[np.ndarray, np.ndarray, float]:
+    """One model call: L2-normalised float32 image and text embeddings of a batch of pairs
+    (preprocessed images stacked, token rows), and the seconds it took."""
+    import torch
+    import torch.nn.functional as F
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        x = pixels.to(m.device, non_blocking=True)
+        if m.input_dtype is not None:
+            x = x.to(m.input_dtype)
+        image = F.normalize(m.model.encode_image(x).float(), dim=-1)
+        text = F.normalize(m.model.encode_text(tokens.to(m.device)).float(), dim=-1)
+        out = image.cpu().numpy(), text.cpu().numpy()
+    return out[0], out[1], time.perf_counter() - t0
+
+
+def _embed_one_thread(m: LoadedModel, pixels, tokens) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`embed_batch` with one torch thread, set in the thread that runs it, right before
+    (libgomp keeps the count per thread once a thread has set it and run a parallel region,
+    but a thread that only set it follows what another thread sets later)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return embed_batch(m, pixels, tokens)
+
+
+class PairEmbedder:
+    """Embeds (image, caption) pairs with a loaded model so that the numbers do not depend on
+    how many CPUs compute them.
+
+    torch's float32 matrix products on CPU (MKL) split the sum of a small batch across
+    threads: the same 5 to 11 pairs embed to different last bits with 1 and with 2 threads,
+    so scores, and a ``min_score`` or ``top_fraction`` cut near a tie, would follow the
+    machine and ``--num-cpus``. On CPU every model call therefore runs with one torch
+    thread on a batch whose composition the caller fixes (``clip_score``: :data:`CPU_BATCH`
+    pairs), and up to ``threads`` calls run side by side, each in its own thread: the worker's
+    CPUs are used, and each call computes what one thread alone would. On CUDA the calls
+    run in the calling thread, as batches of the caller's size."""
+
+    def __init__(self, loaded: LoadedModel, threads: int = 1):
+        self.m = loaded
+        self.pool = (ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-model")
+                     if loaded.device.type == "cpu" else None)
+
+    def run(self, batches: Iterable) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """:func:`embed_batch` of every (stacked images, token rows) batch that ``batches``
+        yields, in order; on CPU each call starts as soon as it is yielded. The calling
+        thread's torch thread count is what it was before, afterwards."""
+        if self.pool is None:
+            return [embed_batch(self.m, pixels, tokens) for pixels, tokens in batches]
+        import torch
+
+        keep = torch.get_num_threads()
+        try:
+            calls = [self.pool.submit(_embed_one_thread, self.m, pixels, tokens) for pixels, tokens in batches]
+            return [c.result() for c in calls]
+        finally:
+            torch.set_num_threads(keep)
+
+    def embed(self, pixels: list, tokens, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and text embeddings of all pairs, in model calls of ``batch`` pairs."""
+        import torch
+
+        parts = self.run((torch.stack(pixels[i:i + batch]), tokens[i:i + batch]) for i in range(0, len(pixels), batch))
+        if not parts:
+            return np.zeros((0, self.m.embed_dim), np.float32), np.zeros((0, self.m.embed_dim), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------- pairsift models pull

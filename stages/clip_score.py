@@ -4,14 +4,19 @@ The score every CLIP data recipe starts with: LAION-400M/5B keep pairs whose Ope
 cosine similarity is at least 0.28 (Schuhmann et al. 2021, 2022); DataComp's CLIP-score
 baseline keeps the top 30% of the pool by ViT-L/14 score (Gadre et al. 2023); DFN swaps in a
 filtering network of the same shape (Fang et al. 2023). Rule: each live pair's image (decoded
-with Pillow, preprocessed by open_clip's own inference ``preprocess`` for the model) and
-caption (tokenized by open_clip's tokenizer for the model, which truncates captions longer than
+with Pillow and converted to RGB, as open_clip_train's loader feeds training, then preprocessed
+by open_clip's own inference ``preprocess`` for the model) and caption (tokenized by open_clip's tokenizer for the model, which truncates captions longer than
 the context) are embedded, both embeddings are L2-normalised, and ``clip_score`` is their dot
 product (float32). With ``save_embeddings`` the normalised embeddings are kept as ``image_emb``
 and ``text_emb`` (float16). ``min_score`` drops pairs scoring below it (reason ``clip_score``);
 ``top_fraction`` f keeps exactly round(f * N) of the N live pairs of the whole pool, the ones
 with the highest score, ties broken by the smaller ``uid`` (reason ``clip_score`` for the rest);
-neither: score only. An image Pillow cannot decode is dropped with ``decode_error``.
+neither: score only. An image Pillow cannot decode is dropped with ``decode_error``. The
+model runs with the activation its weights were trained with: QuickGELU for OpenAI's CLIP
+(Radford et al. 2021) and every tag open_clip marks ``quick_gelu``
+(:func:`pairsift.stages.clip_models.quick_gelu`). On CPU the scores do not depend on the
+number of CPUs: every model call runs with one torch thread on a fixed batch
+(:class:`pairsift.stages.clip_models.PairEmbedder`).
 
 With ``top_fraction`` the stage is global: ``process`` scores (the map part), ``scan`` keeps
 (score, uid) per live row, ``merge`` finds the exact cut-off pair (score, uid) on the driver,
@@ -95,6 +100,8 @@ class ClipScoreStage(GlobalStage):
         super().__init__(config, context)
         self._loaded: clip_models.LoadedModel | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._embedder: clip_models.PairEmbedder | None = None
+        self._quick_gelu: bool | None = None
         self._dim: int | None = None
         self._timings: Counter = Counter()
 
@@ -110,6 +117,7 @@ class ClipScoreStage(GlobalStage):
         clip_models.ensure_weights(weights)
         clip_models.check_tokenizer_files(c.model)
         self._dim = clip_models.embed_dim(c.model)
+        self._quick_gelu = clip_models.quick_gelu(c.model, c.pretrained)
 
     def resources(self) -> dict[str, float]:
         c: ClipScoreConfig = self.config
@@ -121,8 +129,8 @@ class ClipScoreStage(GlobalStage):
             raise ConfigError("clip_score.device: cuda, but the Ray cluster has no GPU")
         if c.device != "cpu" and gpus >= 1:  # one worker per GPU
             return {"num_cpus": float(max(1, min(cap, cpus // gpus))), "num_gpus": 1.0}
-        # On CPU one worker takes the job's CPUs: torch uses them for the model and the decode
-        # threads use them between batches (reading happens inside the same task).
+        # On CPU one worker takes the job's CPUs: its model threads (one torch thread each) and
+        # its decode threads use them (reading happens inside the same task).
         return {"num_cpus": float(cap), "num_gpus": 0.0}
 
     def batch_rows(self) -> int:
@@ -130,8 +138,10 @@ class ClipScoreStage(GlobalStage):
 
     def summary(self) -> dict:
         c: ClipScoreConfig = self.config
-        return {"model": c.model, "pretrained": c.pretrained, "min_score": c.min_score,
-                "top_fraction": c.top_fraction}
+        if self._quick_gelu is None:
+            self._quick_gelu = clip_models.quick_gelu(c.model, c.pretrained)
+        return {"model": c.model, "pretrained": c.pretrained, "quick_gelu": self._quick_gelu,
+                "min_score": c.min_score, "top_fraction": c.top_fraction}
 
     # ------------------------------------------------------------------ worker side
 
@@ -148,7 +158,7 @@ class ClipScoreStage(GlobalStage):
         granted = self.context.extras.get("resources") or {}
         cpus = int(granted.get("num_cpus") or 0)
         if cpus:
-            torch.set_num_threads(cpus)
+            torch.set_num_threads(cpus)  # this thread's torch work (other stages of the phase)
         device = c.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,12 +168,15 @@ class ClipScoreStage(GlobalStage):
         t0 = time.perf_counter()
         self._loaded = clip_models.load(c.model, c.pretrained, device=device, precision=precision)
         self._dim = self._loaded.embed_dim
-        threads = c.decode_threads or cpus or torch.get_num_threads()
+        workers = cpus or torch.get_num_threads()
+        self._embedder = clip_models.PairEmbedder(self._loaded, workers)
+        threads = c.decode_threads or workers
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-decode")
         warnings.filterwarnings("ignore", message="Palette images with Transparency")
-        log.info("clip_score: loaded %s (%s) on %s, %s, %d torch threads, %d decode threads, in %.1f s",
-                 c.model, c.pretrained, device, precision, torch.get_num_threads(), threads,
-                 time.perf_counter() - t0)
+        log.info("clip_score: loaded %s (%s) on %s, %s, %s, %s, %d decode threads, in %.1f s",
+                 c.model, c.pretrained, device, precision, "QuickGELU" if self._loaded.quick_gelu else "GELU",
+                 f"{workers} model threads of 1 torch thread" if device == "cpu" else "one model thread",
+                 threads, time.perf_counter() - t0)
         return self._loaded
 
     def _embed_dim(self) -> int:
@@ -176,28 +189,74 @@ class ClipScoreStage(GlobalStage):
         return out
 
     def _prepare(self, data: bytes):
-        """Decode and preprocess one image (runs in the decode threads; Pillow and the
-        resize release the GIL). Returns (tensor or None, seconds)."""
+        """Decode and preprocess one image as open_clip_train's loader does (RGB first, then
+        the transform; runs in the decode threads, Pillow and the resize release the GIL).
+        Returns (tensor or None, seconds)."""
         t0 = time.perf_counter()
         try:
             with Image.open(BytesIO(data)) as img:
-                x = self._loaded.preprocess(img)
+                x = self._loaded.image_tensor(img)
         except Exception:  # noqa: BLE001 - any decode failure is the sample's drop reason
             x = None
         return x, time.perf_counter() - t0
 
     def _embed(self, images: list[bytes], captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ok mask, image embeddings, text embeddings) of the pairs, normalised, float32."""
-        import torch
-        import torch.nn.functional as F
-
         m = self._ensure_model()
-        bs = self.config.batch_size
-        cuda = m.device.type == "cuda"
         futures = [self._pool.submit(self._prepare, d) for d in images]
         t0 = time.perf_counter()
         tokens = m.tokenizer(captions)
         self._timings["tokenize"] += time.perf_counter() - t0
+        if m.device.type == "cuda":
+            return self._embed_cuda(m, futures, tokens)
+        return self._embed_cpu(futures, tokens)
+
+    def _embed_cpu(self, futures: list, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CPU: the decoded pairs, in order, cut into model calls of ``CPU_BATCH`` (at most
+        ``batch_size``) pairs, each run with one torch thread, as many side by side as the
+        worker has CPUs (:class:`clip_models.PairEmbedder`): the numbers do not depend on the
+        CPU count. A call starts as soon as its images are decoded."""
+        import torch
+
+        m = self._loaded
+        size = min(self.config.batch_size, clip_models.CPU_BATCH)
+        ok = np.zeros(len(futures), dtype=bool)
+        wait = [0.0]
+
+        def batches():
+            pixels, rows = [], []
+            for i, f in enumerate(futures):
+                t0 = time.perf_counter()
+                x, secs = f.result()
+                wait[0] += time.perf_counter() - t0
+                self._timings["decode"] += secs
+                if x is None:
+                    continue
+                ok[i] = True
+                pixels.append(x)
+                rows.append(i)
+                if len(pixels) == size:
+                    yield torch.stack(pixels), tokens[rows]
+                    pixels, rows = [], []
+            if pixels:
+                yield torch.stack(pixels), tokens[rows]
+
+        t0 = time.perf_counter()
+        parts = self._embedder.run(batches())
+        self._timings["decode_wait"] += wait[0]
+        self._timings["infer_wait"] += time.perf_counter() - t0 - wait[0]
+        self._timings["infer"] += sum(p[2] for p in parts)  # thread seconds
+        if not parts:
+            return ok, np.zeros((0, m.embed_dim), np.float32), np.zeros((0, m.embed_dim), np.float32)
+        return ok, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _embed_cuda(self, m: clip_models.LoadedModel, futures: list, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CUDA: the GPU encodes the captions (``batch_size`` at a time) while the CPU threads
+        decode the images, then the decoded images in batches of ``batch_size``."""
+        import torch
+        import torch.nn.functional as F
+
+        bs = self.config.batch_size
 
         def encode(fn, x: torch.Tensor, dtype=None) -> torch.Tensor:
             """Model batches of ``batch_size``, moved to the device (then cast: cheaper there)."""
@@ -208,11 +267,9 @@ class ClipScoreStage(GlobalStage):
             return torch.cat(out) if out else torch.empty(0, m.embed_dim)
 
         with torch.inference_mode():
-            text = None
-            if cuda:  # the GPU encodes the captions while the CPU threads decode the images
-                t0 = time.perf_counter()
-                text = encode(m.model.encode_text, tokens)
-                self._timings["infer"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            text = encode(m.model.encode_text, tokens)
+            self._timings["infer"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             prepared = [f.result() for f in futures]
             self._timings["decode_wait"] += time.perf_counter() - t0
@@ -224,10 +281,7 @@ class ClipScoreStage(GlobalStage):
                 image = encode(m.model.encode_image, pixels, m.input_dtype)
             else:
                 image = torch.empty(0, m.embed_dim)
-            if text is None:
-                text = encode(m.model.encode_text, tokens[torch.from_numpy(ok)])
-            else:
-                text = text[torch.from_numpy(ok).to(text.device)]
+            text = text[torch.from_numpy(ok).to(text.device)]
             image, text = image.cpu().numpy(), text.cpu().numpy()
             self._timings["infer"] += time.perf_counter() - t0
         return ok, image, text
