@@ -121,56 +121,39 @@ def remove_text(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 class ClipSimilarity:
-    """Cosine similarity of open_clip image and caption embeddings."""
+    """Cosine similarity of open_clip image and caption embeddings, through ``clip_score``'s
+    loader (:mod:`pairsift.stages.clip_models`: the same model names and offline checks,
+    QuickGELU for weights trained with it) and the same model calls (images as RGB, batches
+    of ``CLIP_BATCH``, one torch thread a call on CPU: the numbers do not depend on the CPU
+    count)."""
 
-    def __init__(self, model: str, pretrained: str, device: str = "cpu"):
-        import open_clip
-        import torch
+    def __init__(self, model: str, pretrained: str | None, device: str = "cpu", threads: int = 1):
+        from pairsift.stages import clip_models
 
-        self.torch = torch
-        self.device = device
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model)
+        self.loaded = clip_models.load(model, pretrained or None, device=device, where="parrot.clip")
+        self.embedder = clip_models.PairEmbedder(self.loaded, threads)
 
     def __call__(self, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
         from PIL import Image
 
-        torch = self.torch
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), CLIP_BATCH):
-                ims = torch.stack([self.preprocess(Image.fromarray(a)) for a in images[i:i + CLIP_BATCH]]).to(self.device)
-                toks = self.tokenizer(captions[i:i + CLIP_BATCH]).to(self.device)
-                ie = torch.nn.functional.normalize(self.model.encode_image(ims).float(), dim=-1)
-                te = torch.nn.functional.normalize(self.model.encode_text(toks).float(), dim=-1)
-                out.append((ie * te).sum(-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        if not images:
+            return np.zeros(0, dtype=np.float32)
+        pixels = [self.loaded.image_tensor(Image.fromarray(a)) for a in images]
+        image, text = self.embedder.embed(pixels, self.loaded.tokenizer(captions), CLIP_BATCH)
+        return (image * text).sum(-1)
 
 
 def check_clip(clip: ClipModelConfig) -> None:
-    """ConfigError unless open_clip knows ``clip.model`` and ``clip.pretrained`` resolves to
-    weights on this machine (a checkpoint file, or a pretrained tag in the local cache)."""
-    import os
+    """ConfigError naming ``parrot.clip.*`` unless the model and its weights can be loaded
+    here: ``clip_score``'s preflight checks (:mod:`pairsift.stages.clip_models`), so the same
+    forms work (open_clip architectures, ``hf-hub:``, ``local-dir:``, model config files; tags,
+    ``hf-hub:`` weights, checkpoint files) and missing weights are fetched, or, offline or
+    unreachable, refused with the fix, never waited on."""
+    from pairsift.stages import clip_models
 
-    import open_clip
-
-    if clip.model not in open_clip.list_models():
-        raise ConfigError(f"parrot.clip.model: open_clip has no model {clip.model!r}")
-    if os.path.isfile(clip.pretrained):
-        return
-    if clip.pretrained not in open_clip.list_pretrained_tags_by_model(clip.model):
-        raise ConfigError(f"parrot.clip.pretrained: {clip.pretrained!r} is neither a checkpoint file nor a "
-                          f"pretrained tag of {clip.model}")
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    try:
-        path = download_pretrained(get_pretrained_cfg(clip.model, clip.pretrained))
-    except Exception as e:  # offline and not cached, or the hub refused
-        raise ConfigError(f"parrot.clip.pretrained: weights {clip.model}/{clip.pretrained} are not available "
-                          f"({type(e).__name__}: {e})") from None
-    if not path or not os.path.isfile(path):
-        raise ConfigError(f"parrot.clip.pretrained: weights {clip.model}/{clip.pretrained} are not available")
+    weights = clip_models.resolve(clip.model, clip.pretrained or None, "parrot.clip")
+    clip_models.ensure_weights(weights, "parrot.clip")
+    clip_models.check_tokenizer_files(clip.model, "parrot.clip")
 
 
 class ParrotStage(Stage):
