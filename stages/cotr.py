@@ -1,16 +1,29 @@
 """Co-emerging text rate (CoTR) between a caption and the text read in its image.
 
-Lin et al. 2023, "Parrot Captions Teach CLIP to Spot Text": the share of a caption's words
-that also appear in the image's OCR text. Normalisation, the same for caption and OCR text:
+Lin et al. 2023, "Parrot Captions Teach CLIP to Spot Text", Algorithm 1: the share of the
+caption's distinct words that also appear among the words read in the image,
+
+    cotr = |set(caption.split()) & set(ocr_text.split())| / |set(caption.split())|
+
+case-sensitive, on whitespace tokens as they are (punctuation stays part of a token): "The
+Best Coffee in Town" against OCR "BEST COFFEE" is 0.0. The paper's spotter (DeepSolo) reads
+word instances; ``ocr_text`` here is the recognised lines joined by spaces, and its whitespace
+tokens are the same words (a line's words are separated by spaces in the recogniser's output).
+:func:`cotr` is exactly that, and 0 where the caption or the OCR text has no token (the paper
+divides by zero there). The reference repository (opendatalab/CLIP-Parrot-Bias) publishes no
+CoTR code; Algorithm 1 in the paper is the reference.
+
+:func:`cotr_normalized` is pairsift's own, more lenient variant (not the paper's), stored beside
+it as ``cotr_normalized`` / ``cotr_fuzzy``. Normalisation, the same for caption and OCR text:
 Unicode NFKC, then case folding; apostrophes inside words are removed ("don't" -> "dont");
 tokens are the maximal runs of Unicode letters and digits (regex ``[^\\W_]+``, so punctuation,
 symbols and underscores separate words); a run holding Han or kana characters is split into
 one token per such character (those scripts do not put spaces between words); tokens shorter
 than 2 characters are dropped (except single Han/kana characters). Caption side only: English
 stop words (articles, pronouns, prepositions, conjunctions, forms of "be"/"have"/"do") are
-removed, unless that leaves nothing, in which case they are kept. ``cotr`` = |C ∩ O| / |C| over
-the *distinct* caption words C and the OCR words O (0 when C or O is empty).
-``cotr_fuzzy`` also counts a caption word of at least 4 characters that is within a small
+removed, unless that leaves nothing, in which case they are kept. The rate is |C ∩ O| / |C|
+over the *distinct* caption words C and the OCR words O (0 when C or O is empty).
+With ``fuzzy`` it also counts a caption word of at least 4 characters that is within a small
 Levenshtein distance of an OCR word (1 edit up to 7 characters, 2 beyond; words of digits
 must match exactly) or that appears inside an OCR word (OCR often glues words: "COFFEESHOP").
 """
@@ -92,10 +105,41 @@ def matched_words(caption: set[str], ocr: set[str], fuzzy: bool) -> set[str]:
     return found
 
 
-def cotr(caption: str | None, ocr_text: str | None, fuzzy: bool = False) -> float:
-    """Share of the caption's distinct words that also appear in ``ocr_text``."""
+def cotr_normalized(caption: str | None, ocr_text: str | None, fuzzy: bool = False) -> float:
+    """Share of the caption's distinct normalised words that also appear in ``ocr_text``
+    (pairsift's variant; see the module docstring)."""
     cap = caption_words(caption)
     ocr = set(words(ocr_text))
     if not cap or not ocr:
         return 0.0
     return len(matched_words(cap, ocr, fuzzy)) / len(cap)
+
+
+# -- the paper's CoTR ------------------------------------------------------------------------
+
+def tokens(text: str | None) -> set[str]:
+    """The distinct whitespace tokens of ``text`` as they are (the paper's ``set(text.split())``)."""
+    return set(text.split()) if text else set()
+
+
+def cotr(caption: str | None, ocr_text: str | None) -> float:
+    """Lin et al. 2023, Algorithm 1: |caption tokens ∩ OCR tokens| / |caption tokens|, case-sensitive
+    whitespace tokens; 0 when either side has none."""
+    cap = tokens(caption)
+    if not cap:
+        return 0.0
+    return len(cap & tokens(ocr_text)) / len(cap)
+
+
+#: The CoTR variants a policy can read, by column name.
+SCORES = ("cotr", "cotr_normalized", "cotr_fuzzy")
+
+
+def spells(caption: str | None, token: str, score: str = "cotr") -> bool:
+    """Whether OCR ``token`` (one whitespace token of a recognised line) is a caption word under
+    the rule of ``score``: the same token in the caption (``cotr``), or a normalised caption
+    word among the token's normalised words (``cotr_normalized``; near misses too with
+    ``cotr_fuzzy``)."""
+    if score == "cotr":
+        return token in tokens(caption)
+    return bool(matched_words(caption_words(caption), set(words(token)), score == "cotr_fuzzy"))

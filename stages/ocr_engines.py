@@ -9,6 +9,16 @@ An engine does two things, so that a caller can run the cheap one first:
   is the engine's own, most accurate setting.
 * ``recognize(image, boxes) -> texts``: one string per box ("" where nothing legible).
 
+Two optional methods refine that (a caller falls back to the two above without them):
+
+* ``gate(image, max_side) -> (boxes, peak)``: the cheap pass of ``detect`` plus the highest
+  text probability the detector saw anywhere in the image (its evidence of text, also where it
+  accepted no box), so that a caller can look again where the cheap pass is unsure.
+* ``recognize_words(image, boxes) -> (texts, words)``: ``recognize`` plus, per box, its words
+  as ``(word, quadrilateral)`` pairs in image pixels, for painting out single words (RapidOCR:
+  runs of Latin letters and digits between spaces, split again where the recogniser's character
+  columns leave a wide gap, so a word may come in pieces; single Han/kana characters).
+
 Engines: ``rapidocr`` (default; PP-OCR detection, orientation and recognition models that
 ship inside the ``rapidocr`` wheel, run with onnxruntime: its CUDA provider on a GPU worker,
 the CPU otherwise) and ``tesseract`` (Debian's ``tesseract-ocr`` binary, run as a process).
@@ -99,24 +109,38 @@ class RapidOcrEngine:
         self._default_limit = (self._det.limit_type, self._det.limit_side_len)
 
     def detect(self, image: np.ndarray, max_side: int | None = None) -> np.ndarray:
+        return self.gate(image, max_side)[0]
+
+    def gate(self, image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+        """``detect`` and the maximum of the DB detector's text probability map (0..1): where it
+        exceeds the binarisation threshold (0.3) but no region scored high enough to become a
+        box, the detector saw something text-like that it could not resolve at this size."""
         bgr = np.ascontiguousarray(image[:, :, ::-1])
         # DB detection resizes internally: "min" enlarges the shorter side to the limit (the
         # accurate default, 736), "max" only shrinks the longer side (the cheap pass).
         self._det.limit_type, self._det.limit_side_len = ("max", max_side) if max_side else self._default_limit
+        session, peak = self._det.session, [0.0]
+
+        def run(x):  # the same call RapidOCR makes, keeping the probability map's maximum
+            out = session(x)
+            peak[0] = max(peak[0], float(np.max(out))) if np.size(out) else peak[0]
+            return out
+
+        self._det.session = run
         try:
             out = self._ocr(bgr, use_det=True, use_cls=False, use_rec=False)
         finally:
+            self._det.session = session
             self._det.limit_type, self._det.limit_side_len = self._default_limit
         boxes = getattr(out, "boxes", None)
         if boxes is None or len(boxes) == 0:
-            return NO_BOXES
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2)
+            return NO_BOXES, peak[0]
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2), peak[0]
 
-    def recognize(self, image: np.ndarray, boxes: np.ndarray) -> list[str]:
+    def _crops(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
         from rapidocr.utils.process_img import get_rotate_crop_image
 
         bgr = np.ascontiguousarray(image[:, :, ::-1])
-        texts = [""] * len(boxes)
         crops, idx = [], []
         for i, box in enumerate(boxes):
             box = np.asarray(box, dtype=np.float32).copy()
@@ -126,15 +150,39 @@ class RapidOcrEngine:
                 continue
             crops.append(get_rotate_crop_image(bgr, box))
             idx.append(i)
+        return crops, idx
+
+    def recognize(self, image: np.ndarray, boxes: np.ndarray) -> list[str]:
+        return self._recognize(image, boxes, False)[0]
+
+    def recognize_words(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[str], list[list[tuple[str, np.ndarray]]]]:
+        """``recognize`` with word boxes: RapidOCR's own (``return_word_box``), computed from the
+        recogniser's character columns and mapped back through each line's crop."""
+        return self._recognize(image, boxes, True)
+
+    def _recognize(self, image: np.ndarray, boxes: np.ndarray, with_words: bool):
+        texts: list[str] = [""] * len(boxes)
+        words: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(len(boxes))]
+        crops, idx = self._crops(image, boxes)
         if not crops:
-            return texts
-        if self.use_cls:
-            crops, _ = self._ocr.cls_and_rotate(crops)
-        rec = self._ocr.recognize_txt(crops)
+            return texts, words
+        upright = self._ocr.cls_and_rotate(crops)[0] if self.use_cls else crops
+        self._ocr.return_word_box = with_words
+        try:
+            rec = self._ocr.recognize_txt(upright)
+        finally:
+            self._ocr.return_word_box = False
         for i, txt, score in zip(idx, rec.txts, rec.scores):
             if score >= self.text_score:
                 texts[i] = txt.strip()
-        return texts
+        if with_words:
+            # Word boxes from the crops as cut (RapidOCR does the same), mapped through each box.
+            located = self._ocr.cal_rec_boxes(crops, np.asarray(boxes, np.float32)[idx].copy(), rec, False)
+            for i, line in zip(idx, located.word_results):
+                if texts[i]:
+                    words[i] = [(w, np.asarray(q, dtype=np.float32).reshape(4, 2)) for w, _, q in line
+                                if q is not None and str(w).strip()]
+        return texts, words
 
 
 class TesseractEngine:
@@ -215,6 +263,12 @@ class TesseractEngine:
                 text = self._run(crop, 7, tsv=False).strip() if crop.size and min(crop.shape[:2]) >= 4 else ""
             texts.append(text)
         return texts
+
+
+    def recognize_words(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[str], list[list[tuple[str, np.ndarray]]]]:
+        """``recognize``; Tesseract's boxes are words already, so each box is its own word."""
+        texts = self.recognize(image, boxes)
+        return texts, [[(t, np.asarray(b, np.float32))] if t else [] for t, b in zip(texts, boxes)]
 
 
 #: Engines by the name a job spec uses.

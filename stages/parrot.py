@@ -4,19 +4,23 @@ Lin et al. 2023, "Parrot Captions Teach CLIP to Spot Text": about half of LAION-
 carry text and most of their captions spell it, which teaches CLIP to read instead of see.
 Rule: every live image is read by an OCR engine (``engine``, RapidOCR by default), detection
 first: a cheap detection pass (longer side shrunk to ``gate_side``) decides whether the image
-has text at all, and only where it does does the accurate detection plus recognition run.
-Stored per sample: ``ocr_text`` (recognised lines joined by spaces, in reading order; lines
-with fewer than two letters or digits are discarded as detector false positives),
-``ocr_boxes`` (lines with legible text), ``text_area`` (share of the image those boxes cover),
-``cotr`` (co-emerging text rate: share of the caption's distinct words that are also OCR
-words; the normalisation is in :mod:`pairsift.stages.cotr`) and ``cotr_fuzzy`` (the same with
-near-miss words counted). A pair is dropped as ``parrot`` when ``cotr`` (``cotr_fuzzy`` when
-``fuzzy``) exceeds ``max_cotr``; with ``drop_text_images`` every image whose ``text_area``
-exceeds ``min_text_area`` is dropped as ``text_image`` (the paper's strictest subset keeps
-only images without text). With ``clip_check`` the paper's text-removal check is stored as
-``clip_text_drop``: the CLIP image-caption cosine similarity before minus after the text
-regions that the caption spells are painted over (OpenCV inpainting); a large drop means the
-caption matched the image through its text. 0 where the caption spells none of the text.
+has text; where it accepted a box, or where its text probability map exceeds ``gate_min_prob``
+without a box (text too small to resolve at that size: it is unsure), the accurate detection
+plus recognition run. Stored per sample: ``ocr_text`` (recognised lines joined by spaces, in
+reading order; lines with fewer than two letters or digits are discarded as detector false
+positives), ``ocr_boxes`` (lines with legible text), ``text_area`` (share of the image those
+boxes cover), ``cotr`` (the paper's co-emerging text rate, Algorithm 1: share of the caption's
+distinct whitespace tokens that are OCR tokens, case-sensitive; :mod:`pairsift.stages.cotr`),
+``cotr_normalized`` and ``cotr_fuzzy`` (pairsift's lenient variants: normalised words, and near
+misses). ``policy`` keeps one of the paper's subsets: ``cotr_below_0.3`` (CoTR < 0.3; the rest
+is dropped as ``parrot``), ``cotr_zero`` (CoTR = 0), ``no_text`` (images without embedded
+text, the paper's released 100M subset's rule "empty OCR results"; the rest is dropped as
+``text_image``), or ``max_cotr`` (drop as ``parrot`` above the given ``max_cotr``); ``score``
+picks which CoTR the CoTR policies read (the paper's by default). With ``clip_check`` the
+paper's text-removal check is stored as ``clip_text_drop``: the CLIP image-caption cosine
+similarity before minus after the *words* that the caption spells (under ``score``'s rule) are
+painted over (word boxes from the engine; OpenCV inpainting); a large drop means the caption
+matched the image through its text. 0 where the caption spells none of the text.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import mark_dropped, set_column
 from pairsift.stages.base import Stage, StageConfig
-from pairsift.stages.cotr import caption_words, matched_words, words
+from pairsift.stages.cotr import SCORES, cotr, cotr_normalized, spells
 
 #: The CLIP similarity is computed at most this many images at a time.
 CLIP_BATCH = 32
@@ -51,15 +55,41 @@ class ClipModelConfig(StageConfig):
 
 class ParrotConfig(StageConfig):
     engine: str = "rapidocr"
-    max_cotr: float = Field(0.5, ge=0.0, le=1.0)
-    fuzzy: bool = True
-    drop_text_images: bool = False
+    #: Which subset is kept: CoTR < 0.3, CoTR = 0, images without text, or CoTR <= ``max_cotr``.
+    policy: Literal["cotr_below_0.3", "cotr_zero", "no_text", "max_cotr"] = "cotr_below_0.3"
+    #: Which CoTR the CoTR policies read: the paper's, or pairsift's normalised / fuzzy variant.
+    score: Literal["cotr", "cotr_normalized", "cotr_fuzzy"] = "cotr"
+    #: Only with ``policy: max_cotr``: drop where the score exceeds it.
+    max_cotr: float | None = Field(None, ge=0.0, le=1.0)
+    #: ``no_text``: an image is a text image when its legible lines cover more than this share
+    #: (0: any legible text, the paper's "empty OCR results").
     min_text_area: float = Field(0.0, ge=0.0, le=1.0)
     #: Longer side of the cheap detection pass; null: no cheap pass, accurate detection on all.
     gate_side: int | None = Field(640, ge=32)
+    #: The cheap pass is unsure (and the accurate pass runs) where its text probability map
+    #: exceeds this without a box; null: only a box counts. 0.3 is RapidOCR's DB threshold.
+    gate_min_prob: float | None = Field(0.3, ge=0.0, le=1.0)
     clip_check: bool = False
     clip: ClipModelConfig | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _max_cotr_with_its_policy(self):
+        if self.policy == "max_cotr" and self.max_cotr is None:
+            raise ValueError("policy 'max_cotr' needs max_cotr (drop where the score exceeds it)")
+        if self.policy != "max_cotr" and self.max_cotr is not None:
+            raise ValueError(f"max_cotr is only read by policy 'max_cotr' (policy is {self.policy!r})")
+        return self
+
+    def drops_parrot(self, score: float) -> bool:
+        """Whether a pair with CoTR ``score`` falls outside the kept subset (CoTR policies)."""
+        if self.policy == "cotr_below_0.3":
+            return score >= 0.3
+        if self.policy == "cotr_zero":
+            return score > 0.0
+        if self.policy == "max_cotr":
+            return score > self.max_cotr
+        return False
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -109,6 +139,40 @@ def text_area(shape: tuple[int, int], boxes: np.ndarray, max_side: int = 512) ->
     s = min(1.0, max_side / max(h, w))
     mask = box_mask((max(1, round(h * s)), max(1, round(w * s))), np.asarray(boxes, dtype=np.float32) * s)
     return float(np.count_nonzero(mask)) / mask.size
+
+
+def spelled_regions(caption: str | None, texts: list[str], boxes: np.ndarray,
+                    words: list[list[tuple[str, np.ndarray]]] | None, score: str = "cotr") -> np.ndarray:
+    """The quadrilaterals of the OCR words that ``caption`` spells (under ``score``'s rule): per
+    line, its whitespace tokens that are caption words, each painted by the word boxes it is made
+    of (``words``, from the engine), or by the whole line where the engine gave none for it."""
+    out: list[np.ndarray] = []
+    for i, text in enumerate(texts):
+        toks = text.split()
+        hit = {k for k, t in enumerate(toks) if spells(caption, t, score)}
+        if not hit:
+            continue
+        line_words = words[i] if words is not None and i < len(words) else []
+        # Which token each word box belongs to: its characters' position in the line's text.
+        starts, pos = [], 0
+        for t in toks:
+            pos = text.index(t, pos)
+            starts.append(pos)
+            pos += len(t)
+        located: set[int] = set()
+        pos = 0
+        for word, quad in line_words:
+            at = text.find(word, pos)
+            if at < 0:
+                continue
+            pos = at + len(word)
+            k = max((j for j, st in enumerate(starts) if st <= at), default=0)
+            if k in hit:
+                out.append(np.asarray(quad, np.float32))
+                located.add(k)
+        if hit - located:  # no word box for a spelled token: its whole line
+            out.append(np.asarray(boxes[i], np.float32))
+    return np.stack(out) if out else np.zeros((0, 4, 2), np.float32)
 
 
 def remove_text(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -219,24 +283,43 @@ class ParrotStage(Stage):
 
     def summary(self) -> dict:
         c: ParrotConfig = self.config
-        return {"engine": c.engine, "max_cotr": c.max_cotr, "fuzzy": c.fuzzy, "gate_side": c.gate_side,
+        return {"engine": c.engine, "policy": c.policy, "score": c.score, "max_cotr": c.max_cotr,
+                "min_text_area": c.min_text_area, "gate_side": c.gate_side, "gate_min_prob": c.gate_min_prob,
                 "clip": c.clip.model_dump() if c.clip_check and c.clip else None}
 
     # -- per sample ----------------------------------------------------------------------
-    def read_text(self, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """Boxes and texts of the legible lines in ``image``: cheap detection first, then
-        accurate detection and recognition only where the cheap pass found text."""
+    def has_text_cheaply(self, image: np.ndarray) -> bool:
+        """The gate: whether the cheap detection pass found text, or is unsure (its probability
+        map exceeds ``gate_min_prob`` where it accepted no box) and the accurate pass must look."""
         c: ParrotConfig = self.config
-        if c.gate_side is not None and len(self.engine.detect(image, max_side=c.gate_side)) == 0:
-            return np.zeros((0, 4, 2), np.float32), []
+        gate = getattr(self.engine, "gate", None)
+        if gate is None:  # an engine without a probability map: its boxes decide
+            return len(self.engine.detect(image, max_side=c.gate_side)) > 0
+        boxes, peak = gate(image, c.gate_side)
+        return len(boxes) > 0 or (c.gate_min_prob is not None and peak > c.gate_min_prob)
+
+    def read_text(self, image: np.ndarray, with_words: bool = False):
+        """Boxes and texts of the legible lines in ``image`` (and, ``with_words``, each line's
+        word boxes): cheap detection first, then accurate detection and recognition only where
+        the cheap pass found text or was unsure."""
+        c: ParrotConfig = self.config
+        empty = (np.zeros((0, 4, 2), np.float32), [])
+        if c.gate_side is not None and not self.has_text_cheaply(image):
+            return (*empty, []) if with_words else empty
         boxes = self.engine.detect(image)
         if len(boxes) == 0:
-            return boxes, []
-        texts = self.engine.recognize(image, boxes)
+            return (boxes, [], []) if with_words else (boxes, [])
+        words = None
+        if with_words and hasattr(self.engine, "recognize_words"):
+            texts, words = self.engine.recognize_words(image, boxes)
+        else:
+            texts = self.engine.recognize(image, boxes)
         # Lines with fewer than MIN_LINE_CHARS letters or digits are discarded: the detector fires
         # on solid blobs (circles, squares, eyes, coins) and the recogniser reads one glyph there.
         keep = [i for i, t in enumerate(texts) if sum(ch.isalnum() for ch in t) >= MIN_LINE_CHARS]
-        return boxes[keep], [texts[i] for i in keep]
+        if not with_words:
+            return boxes[keep], [texts[i] for i in keep]
+        return boxes[keep], [texts[i] for i in keep], [words[i] for i in keep] if words is not None else None
 
     def process(self, batch: pa.Table) -> pa.Table:
         c: ParrotConfig = self.config
@@ -249,8 +332,7 @@ class ParrotStage(Stage):
         ocr_text: list[str | None] = [None] * n
         n_boxes: list[int | None] = [None] * n
         area: list[float | None] = [None] * n
-        cotr_exact: list[float | None] = [None] * n
-        cotr_fuzzy: list[float | None] = [None] * n
+        scores: dict[str, list[float | None]] = {k: [None] * n for k in SCORES}
         drop: list[float | None] = [None] * n
         reasons: list[str | None] = [None] * n
         to_clip: list[tuple[int, np.ndarray, np.ndarray, str]] = []
@@ -271,23 +353,25 @@ class ParrotStage(Stage):
             except Exception:  # noqa: BLE001 - Pillow raises many types on bad bytes
                 reasons[i] = "decode_error"
                 continue
-            boxes, texts = self.read_text(img)
+            if c.clip_check:
+                boxes, texts, words = self.read_text(img, with_words=True)
+            else:
+                (boxes, texts), words = self.read_text(img), None
             ocr_text[i] = " ".join(texts)
             n_boxes[i] = len(texts)
             area[i] = text_area(img.shape[:2], boxes)
-            cap = caption_words(captions[i])
-            ocr = set(words(ocr_text[i]))
-            cotr_exact[i] = len(matched_words(cap, ocr, False)) / len(cap) if cap and ocr else 0.0
-            cotr_fuzzy[i] = len(matched_words(cap, ocr, True)) / len(cap) if cap and ocr else 0.0
-            score = cotr_fuzzy[i] if c.fuzzy else cotr_exact[i]
-            if score > c.max_cotr:
+            scores["cotr"][i] = cotr(captions[i], ocr_text[i])
+            scores["cotr_normalized"][i] = cotr_normalized(captions[i], ocr_text[i])
+            scores["cotr_fuzzy"][i] = cotr_normalized(captions[i], ocr_text[i], fuzzy=True)
+            if c.policy == "no_text":
+                if n_boxes[i] and area[i] > c.min_text_area:
+                    reasons[i] = "text_image"
+            elif c.drops_parrot(scores[c.score][i]):
                 reasons[i] = "parrot"
-            elif c.drop_text_images and n_boxes[i] and area[i] > c.min_text_area:
-                reasons[i] = "text_image"
             if c.clip_check:
-                spelled = [j for j, t in enumerate(texts) if matched_words(cap, set(words(t)), c.fuzzy)]
-                if spelled:
-                    to_clip.append((i, img, boxes[spelled], captions[i]))
+                spelled = spelled_regions(captions[i], texts, boxes, words, c.score)
+                if len(spelled):
+                    to_clip.append((i, img, spelled, captions[i]))
                     if len(to_clip) >= CLIP_BATCH:
                         clip_text_drop()
                 else:
@@ -297,8 +381,8 @@ class ParrotStage(Stage):
         batch = set_column(batch, "ocr_text", ocr_text, pa.string())
         batch = set_column(batch, "ocr_boxes", n_boxes, pa.int32())
         batch = set_column(batch, "text_area", area, pa.float32())
-        batch = set_column(batch, "cotr", cotr_exact, pa.float32())
-        batch = set_column(batch, "cotr_fuzzy", cotr_fuzzy, pa.float32())
+        for name in SCORES:
+            batch = set_column(batch, name, scores[name], pa.float32())
         if c.clip_check:
             batch = set_column(batch, "clip_text_drop", drop, pa.float32())
         return mark_dropped(batch, reasons, self.name)

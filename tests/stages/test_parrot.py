@@ -1,4 +1,5 @@
-"""Stage parrot: OCR detection first, CoTR, parrot / text-image drops, the CLIP text-removal check.
+"""Stage parrot: OCR detection first, CoTR (the paper's and the normalised ones), the paper's
+subsets as policies, the CLIP text-removal check on word boxes.
 
 Captions built here from ground-truth words or rendered text are synthetic (made for these
 tests); the COCO captions are the human ones shipped with the photos.
@@ -20,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from conftest import make_job, shared_path
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA
-from pairsift.stages.cotr import caption_words, cotr, words
+from pairsift.stages.cotr import caption_words, cotr, cotr_normalized, words
 from pairsift.stages.parrot import (ClipModelConfig, ParrotConfig, ParrotStage, decode_rgb, remove_text,
-                                    text_area)
+                                    spelled_regions, text_area)
 
 # (skimage photo, rendered text, a caption describing the photo without the text)
 RENDERED = [
@@ -91,6 +92,10 @@ class CountingEngine:
         self.calls["cheap_detect" if max_side else "detect"] += 1
         return self.inner.detect(image, max_side)
 
+    def gate(self, image, max_side):
+        self.calls["cheap_detect"] += 1
+        return self.inner.gate(image, max_side)
+
     def recognize(self, image, boxes):
         self.calls["recognize"] += 1
         self.calls["recognized_boxes"] += len(boxes)
@@ -112,6 +117,46 @@ def rendered() -> list[bytes]:
 
 # -- CoTR ------------------------------------------------------------------------------------
 
+def algorithm_1(caption: str, ocr_text: str) -> float:
+    """Lin et al. 2023, Algorithm 1, as the paper prints it (the oracle of the golden tests; the
+    reference repository publishes no CoTR code)."""
+    caption_words = set(caption.split())
+    ocr_words = set(ocr_text.split())
+    return len(caption_words & ocr_words) / len(caption_words)
+
+
+def test_paper_cotr_is_algorithm_1():
+    # The issue's example: case-sensitive, so "Best" is not "BEST"; the normalised variant says 2/3.
+    assert cotr("The Best Coffee in Town", "BEST COFFEE") == 0.0
+    assert cotr_normalized("The Best Coffee in Town", "BEST COFFEE") == pytest.approx(2 / 3)
+    assert cotr("Best Coffee in Town", "Best Coffee") == 0.5
+    assert cotr("SALE SALE 50%", "SALE") == 0.5  # distinct tokens: {SALE, 50%}
+    assert cotr('a sign that says "OPEN"', "OPEN") == 0.0  # punctuation stays part of the token
+    assert cotr("OPEN", "OPEN\nNOW") == 1.0  # lines joined by any whitespace
+    assert cotr("", "SALE") == 0.0 and cotr("SALE", "") == 0.0 and cotr(None, None) == 0.0  # paper: 0/0
+
+
+def test_paper_cotr_golden_on_real_captions():
+    """Real LAION alt texts and COCO captions against OCR-like texts made from real captions: the
+    stage's ``cotr`` equals Algorithm 1 on every pair (the captions are not edited; the OCR sides
+    are other real captions, and upper-cased or lower-cased halves of the caption itself)."""
+    import pyarrow.parquet as pq
+
+    path = shared_path("realdata", "laion_alt_text_10k", "test_10000.parquet")
+    caps = [c for c in pq.read_table(path, columns=["TEXT"]).column("TEXT").to_pylist()[:2000] if c and c.split()]
+    rng = np.random.default_rng(0)
+    checked = nonzero = 0
+    for i, cap in enumerate(caps):
+        toks = cap.split()
+        half = [t for t in toks if rng.random() < 0.5]
+        for ocr in (caps[(i + 1) % len(caps)], " ".join(half), " ".join(t.upper() for t in half),
+                    " ".join(t.lower() for t in toks)):
+            assert cotr(cap, ocr) == algorithm_1(cap, ocr), (cap, ocr)
+            checked += 1
+            nonzero += cotr(cap, ocr) > 0
+    assert checked >= 4000 and nonzero >= 1000
+
+
 def test_cotr_normalisation():
     assert words("Don't STOP—the Café's 50% SALE_2024!") == ["dont", "stop", "the", "cafés", "50", "sale", "2024"]
     assert words("ＳＡＬＥ ｎｏｗ") == ["sale", "now"]  # NFKC folds full-width letters
@@ -119,22 +164,22 @@ def test_cotr_normalisation():
     assert words("a b 7 xy") == ["xy"]  # tokens shorter than 2 characters are dropped
     assert caption_words("a white sign that says OPEN") == {"white", "sign", "says", "open"}
     assert caption_words("To be or not to be") == {"to", "be", "or", "not"}  # only stop words: kept
-    assert cotr("OPEN", "open") == 1.0
-    assert cotr("a white sign that says OPEN", "OPEN") == 0.25
-    assert cotr("Coffee shop in the city", "COFFEE SHOP!") == pytest.approx(2 / 3)
-    assert cotr("a red circle", "") == 0.0 and cotr("", "SALE") == 0.0
+    assert cotr_normalized("OPEN", "open") == 1.0
+    assert cotr_normalized("a white sign that says OPEN", "OPEN") == 0.25
+    assert cotr_normalized("Coffee shop in the city", "COFFEE SHOP!") == pytest.approx(2 / 3)
+    assert cotr_normalized("a red circle", "") == 0.0 and cotr_normalized("", "SALE") == 0.0
 
 
 def test_cotr_fuzzy_counts_near_misses_only():
-    assert cotr("Genaxis Theatre", "Genexis Theatre") == 0.5
-    assert cotr("Genaxis Theatre", "Genexis Theatre", fuzzy=True) == 1.0
-    assert cotr("coffee shop", "COFFEESHOP", fuzzy=True) == 1.0  # glued words
-    assert cotr("coffee shop", "COFFEESHOP") == 0.0
-    assert cotr("route 4521", "4522 rout", fuzzy=True) == 0.5  # numbers must match exactly
-    assert cotr("the cat sat", "the hat", fuzzy=True) == 0.0  # words under 4 characters: exact only
-    assert cotr("photograph", "photogrpah", fuzzy=True) == 1.0  # 2 edits allowed from 8 characters
-    assert cotr("photo", "phtoo", fuzzy=True) == 0.0  # 2 edits are too many under 8 characters
-    assert cotr("cathedral", "pyramid", fuzzy=True) == 0.0
+    assert cotr_normalized("Genaxis Theatre", "Genexis Theatre") == 0.5
+    assert cotr_normalized("Genaxis Theatre", "Genexis Theatre", fuzzy=True) == 1.0
+    assert cotr_normalized("coffee shop", "COFFEESHOP", fuzzy=True) == 1.0  # glued words
+    assert cotr_normalized("coffee shop", "COFFEESHOP") == 0.0
+    assert cotr_normalized("route 4521", "4522 rout", fuzzy=True) == 0.5  # numbers must match exactly
+    assert cotr_normalized("the cat sat", "the hat", fuzzy=True) == 0.0  # words under 4 characters: exact only
+    assert cotr_normalized("photograph", "photogrpah", fuzzy=True) == 1.0  # 2 edits allowed from 8 characters
+    assert cotr_normalized("photo", "phtoo", fuzzy=True) == 0.0  # 2 edits are too many under 8 characters
+    assert cotr_normalized("cathedral", "pyramid", fuzzy=True) == 0.0
 
 
 # -- the stage on rendered images ---------------------------------------------------------------
@@ -143,7 +188,7 @@ def test_empty_batch_has_the_columns(stage):
     out = stage.process(BASE_SCHEMA.empty_table())
     types = {f.name: f.type for f in out.schema}
     assert types["ocr_text"] == pa.string() and types["ocr_boxes"] == pa.int32()
-    for col in ("text_area", "cotr", "cotr_fuzzy"):
+    for col in ("text_area", "cotr", "cotr_normalized", "cotr_fuzzy"):
         assert types[col] == pa.float32()
     assert "clip_text_drop" not in types and out.num_rows == 0
 
@@ -154,7 +199,7 @@ def test_captions_that_spell_the_rendered_text_are_dropped(stage, rendered):
     for row, (name, text, _) in zip(out, RENDERED):
         assert row["ocr_text"].split() == text.split(), name
         assert row["ocr_boxes"] >= 1 and 0.03 < row["text_area"] < 0.4
-        assert row["cotr"] == 1.0 and row["cotr_fuzzy"] == 1.0
+        assert row["cotr"] == 1.0 and row["cotr_normalized"] == 1.0 and row["cotr_fuzzy"] == 1.0
         assert row["drop_reason"] == "parrot" and row["drop_stage"] == "parrot" and row["image"] is None
 
 
@@ -164,22 +209,51 @@ def test_the_same_images_with_descriptive_captions_are_kept(stage, rendered):
     out = stage.process(_table(rows)).to_pylist()
     for row, (name, text, _) in zip(out, RENDERED):
         assert row["ocr_text"].split() == text.split(), name  # the OCR does not depend on the caption
-        assert row["cotr"] == 0.0 and row["cotr_fuzzy"] == 0.0 and row["drop_reason"] is None
-        assert row["image"] is not None
-    assert out[-1]["cotr"] == pytest.approx(2 / 6) and out[-1]["drop_reason"] is None
+        assert row["cotr"] == 0.0 and row["cotr_normalized"] == 0.0 and row["cotr_fuzzy"] == 0.0
+        assert row["drop_reason"] is None and row["image"] is not None
+    # The paper's CoTR is case-sensitive ("fresh" is not "FRESH"); the normalised one counts 2 of 6.
+    assert out[-1]["cotr"] == 0.0 and out[-1]["cotr_normalized"] == pytest.approx(2 / 6)
+    assert out[-1]["drop_reason"] is None
 
 
-def test_max_cotr_and_fuzzy_decide(stage, rendered):
-    s = ParrotStage(ParrotConfig(max_cotr=0.3))
+def _with(stage, **config) -> ParrotStage:
+    s = ParrotStage(ParrotConfig(**config))
     s.engine = stage.engine
-    out = s.process(_table([("half", rendered[1], "a cat next to a sign saying fresh bread")])).to_pylist()
-    assert out[0]["drop_reason"] == "parrot"  # 0.33 > 0.3
+    return s
+
+
+def test_policies_are_the_papers_subsets(stage, rendered):
+    """CoTR < 0.3 (the default), CoTR = 0, and images without text; each keeps that subset."""
+    rows = [("parrot", rendered[1], "FRESH BREAD"),                               # cotr 1.0
+            ("some", rendered[1], "FRESH BREAD daily at the corner bakery in our town"),  # 2/10 = 0.2
+            ("third", rendered[1], "FRESH BREAD at our bakery"),                   # 2/5 = 0.4
+            ("none", rendered[1], RENDERED[1][2]),                                 # 0, the image has text
+            ("plain", _no_text_image(), "the grey surface of the moon")]           # 0, no text
+    cotrs = [r["cotr"] for r in _with(stage).process(_table(rows)).to_pylist()]
+    assert cotrs == pytest.approx([1.0, 0.2, 0.4, 0.0, 0.0])
+    drops = {policy: [r["drop_reason"] for r in _with(stage, policy=policy).process(_table(rows)).to_pylist()]
+             for policy in ("cotr_below_0.3", "cotr_zero", "no_text")}
+    assert drops["cotr_below_0.3"] == ["parrot", None, "parrot", None, None]
+    assert drops["cotr_zero"] == ["parrot", "parrot", "parrot", None, None]
+    assert drops["no_text"] == ["text_image"] * 4 + [None]
+    assert ParrotConfig().policy == "cotr_below_0.3" and ParrotConfig().score == "cotr"
+    # Exactly 0.3 is outside "CoTR < 0.3"; anything above 0 is outside "CoTR = 0".
+    below, zero = ParrotConfig(), ParrotConfig(policy="cotr_zero")
+    assert below.drops_parrot(0.3) and not below.drops_parrot(0.2999)
+    assert zero.drops_parrot(0.01) and not zero.drops_parrot(0.0)
+    assert not ParrotConfig(policy="no_text").drops_parrot(1.0)  # no_text reads the OCR boxes, not CoTR
+
+
+def test_score_and_max_cotr_decide(stage, rendered):
+    half = [("half", rendered[1], "a cat next to a sign saying fresh bread")]
+    assert _with(stage).process(_table(half)).to_pylist()[0]["drop_reason"] is None  # paper: 0
+    s = _with(stage, policy="max_cotr", max_cotr=0.3, score="cotr_normalized")
+    assert s.process(_table(half)).to_pylist()[0]["drop_reason"] == "parrot"  # 0.33 > 0.3
+    assert _with(stage, score="cotr_normalized").process(_table(half)).to_pylist()[0]["drop_reason"] == "parrot"
     # A misspelt caption is a parrot only when near misses count.
-    rows = [("typo", rendered[2], "GRAMD OPENNING")]
-    exact = ParrotStage(ParrotConfig(fuzzy=False))
-    exact.engine = s.engine
-    assert exact.process(_table(rows)).to_pylist()[0]["drop_reason"] is None
-    fuzzy = s.process(_table(rows)).to_pylist()[0]
+    typo = [("typo", rendered[2], "GRAMD OPENNING")]
+    assert _with(stage, score="cotr_normalized").process(_table(typo)).to_pylist()[0]["drop_reason"] is None
+    fuzzy = _with(stage, score="cotr_fuzzy").process(_table(typo)).to_pylist()[0]
     assert fuzzy["cotr"] == 0.0 and fuzzy["cotr_fuzzy"] == 1.0 and fuzzy["drop_reason"] == "parrot"
 
 
@@ -201,6 +275,29 @@ def test_no_text_image_never_runs_recognition(stage, rendered):
     assert engine.calls == {"detect": 1}
 
 
+def test_an_unsure_cheap_pass_hands_the_image_to_the_accurate_pass(stage):
+    """ICDAR 2015 train/img_9 (1280x720): its "EXIT" sign is too small for the 640 px cheap pass
+    to accept a box, but the pass's text probability map peaks far above the DB threshold there.
+    With the unsure rule the accurate pass reads the sign; with boxes alone the gate misses it."""
+    root = shared_path("realdata", "scene_text_gt", "icdar2015")
+    img = decode_rgb((root / "train" / "img_9.jpg").read_bytes())
+    boxes, peak = stage.engine.gate(img, 640)
+    assert len(boxes) == 0 and peak > 0.3
+    engine = CountingEngine(stage.engine)
+    rows = [("exit", (root / "train" / "img_9.jpg").read_bytes(), "EXIT STAGE")]  # synthetic caption
+    unsure = ParrotStage(ParrotConfig())
+    unsure.engine = engine
+    row = unsure.process(_table(rows)).to_pylist()[0]
+    assert engine.calls["cheap_detect"] == 1 and engine.calls["detect"] == 1 and engine.calls["recognize"] == 1
+    assert "EXIT" in row["ocr_text"].split() and row["cotr"] == 0.5 and row["drop_reason"] == "parrot"
+    engine.calls.clear()
+    boxes_only = ParrotStage(ParrotConfig(gate_min_prob=None))
+    boxes_only.engine = engine
+    row = boxes_only.process(_table(rows)).to_pylist()[0]
+    assert engine.calls == {"cheap_detect": 1}
+    assert row["ocr_text"] == "" and row["cotr"] == 0.0 and row["drop_reason"] is None
+
+
 def test_dropped_and_undecodable_rows(stage, rendered):
     engine = CountingEngine(stage.engine)
     s = ParrotStage(ParrotConfig())
@@ -213,20 +310,18 @@ def test_dropped_and_undecodable_rows(stage, rendered):
     assert engine.calls == {}
 
 
-def test_drop_text_images_above_min_text_area(stage, rendered):
+def test_no_text_policy_drops_images_with_legible_text(stage, rendered):
     from pairsift.samplepool import _shape_image
 
     # The red circle trips the detector and is read as "O": one glyph is not text.
     rows = [("text", rendered[0], RENDERED[0][2]), ("plain", _no_text_image(), "the grey surface of the moon"),
             ("circle", _shape_image("red", (220, 40, 40), "circle", 0), "a red circle on a light background")]
-    s = ParrotStage(ParrotConfig(drop_text_images=True, min_text_area=0.0))
-    s.engine = stage.engine
+    s = _with(stage, policy="no_text")
     out = s.process(_table(rows)).to_pylist()
-    assert out[0]["drop_reason"] == "text_image" and out[0]["text_area"] > 0.05
+    assert out[0]["drop_reason"] == "text_image" and out[0]["text_area"] > 0.05 and out[0]["cotr"] == 0.0
     assert out[1]["drop_reason"] is None and out[2]["drop_reason"] is None
     assert (out[2]["ocr_boxes"], out[2]["text_area"]) == (0, 0.0)
-    s = ParrotStage(ParrotConfig(drop_text_images=True, min_text_area=0.5))
-    s.engine = stage.engine
+    s = _with(stage, policy="no_text", min_text_area=0.5)
     assert [r["drop_reason"] for r in s.process(_table(rows)).to_pylist()] == [None, None, None]
 
 
@@ -258,9 +353,20 @@ def test_bad_configuration_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="parrot.clip.pretrained"):
         ParrotStage(ParrotConfig(clip_check=True, clip={"model": "ViT-B-32", "pretrained": "/no/such/file.pt"})).preflight()
     with pytest.raises(Exception, match="extra"):
-        ParrotConfig(max_cotr=0.5, threshold=0.5)
+        ParrotConfig(policy="max_cotr", max_cotr=0.5, threshold=0.5)
     with pytest.raises(Exception):
-        ParrotConfig(max_cotr=1.5)
+        ParrotConfig(policy="max_cotr", max_cotr=1.5)
+    with pytest.raises(Exception, match="needs max_cotr"):
+        ParrotConfig(policy="max_cotr")
+    with pytest.raises(Exception, match="only read by policy 'max_cotr'"):
+        ParrotConfig(max_cotr=0.5)
+    with pytest.raises(Exception, match="cotr_below_0.3"):
+        ParrotConfig(policy="cotr<0.3")
+    with pytest.raises(Exception, match="cotr_fuzzy"):
+        ParrotConfig(score="fuzzy")
+    for gone in ({"fuzzy": True}, {"drop_text_images": True}):  # replaced by score and policy
+        with pytest.raises(Exception, match="extra"):
+            ParrotConfig(**gone)
     import pairsift.stages.ocr_engines as engines
 
     monkeypatch.setattr(engines.shutil, "which", lambda name: None)
@@ -283,8 +389,8 @@ def test_tesseract_engine_by_name():
 # -- real photos ----------------------------------------------------------------------------
 
 def test_scene_text_photos_with_captions_made_from_their_ground_truth(stage):
-    """ICDAR 2015's 10 test photos (official GT) and two of RapidOCR's test images; a 1280x720
-    photo takes seconds to read on one core, so the 10 training photos are left out."""
+    """ICDAR 2015's 10 test photos (official GT) and two of RapidOCR's test images (the 17 ICDAR
+    photos with legible words, training ones too, are measured in test_parrot_recall.py)."""
     root = shared_path("realdata", "scene_text_gt")
     rows = []
     for line in (root / "icdar2015" / "annotations.jsonl").read_text().splitlines():
@@ -301,8 +407,10 @@ def test_scene_text_photos_with_captions_made_from_their_ground_truth(stage):
     fuzzy = np.array([r["cotr_fuzzy"] for r in icdar])
     print(f"ICDAR 2015 test ({len(icdar)} photos with legible words): cotr_fuzzy mean {fuzzy.mean():.2f}, "
           f"> 0.5 in {(fuzzy > 0.5).sum()}")
-    # Measured: 7 of 9 above 0.5 (mean 0.86); the gate misses the small "NUS" and "DOORS" signs.
-    assert len(icdar) == 9 and (fuzzy > 0.5).sum() >= 6 and fuzzy.mean() >= 0.6
+    # Measured: 9 of 9 above 0.5 (mean 0.95); with boxes alone the gate missed "NUS" and "DOORS".
+    assert len(icdar) == 9 and (fuzzy > 0.5).sum() >= 8 and fuzzy.mean() >= 0.8
+    for uid, _, caption in rows:  # the stored cotr is the paper's
+        assert out[uid]["cotr"] == pytest.approx(algorithm_1(caption, out[uid]["ocr_text"]))
     assert out["test/img_5.jpg"]["drop_reason"] == "parrot"  # "Speed Regulating Strips Ahead SLOW"
     assert out["test/img_10.jpg"]["drop_reason"] == "parrot"  # "Please lower your volume when you pass ..."
     for name in ("issue_170.png", "img_exif_orientation.jpg"):  # "TEST"; "我是中国人" once EXIF-rotated
@@ -324,7 +432,9 @@ def test_coco_photos_with_human_captions_rarely_parrot(stage):
     names = sorted(captions)[::6]
     rows = [(n, (root / n).read_bytes(), captions[n][0]) for n in names]
     out = stage.process(_table(rows)).to_pylist()
-    scores = np.array([cotr(c, r["ocr_text"], fuzzy=True) for r in out for c in captions[r["uid"]]])
+    scores = np.array([cotr_normalized(c, r["ocr_text"], fuzzy=True) for r in out for c in captions[r["uid"]]])
+    paper = np.array([cotr(c, r["ocr_text"]) for r in out for c in captions[r["uid"]]])
+    assert (paper < 0.3).all()  # the paper's CoTR: not one human caption outside "CoTR < 0.3"
     with_text = sum(r["ocr_boxes"] > 0 for r in out)
     print(f"COCO: {len(out)} photos, {with_text} with text; {len(scores)} human captions: cotr_fuzzy 0 for "
           f"{(scores == 0).mean():.1%}, max {scores.max():.2f}")
@@ -366,10 +476,13 @@ def test_clip_text_drop_compares_before_and_after_removing_the_spelled_text(stag
             ("plain", _no_text_image(), "the grey surface of the moon")]
     out = s.process(_table(rows)).to_pylist()
     assert out[1]["clip_text_drop"] == 0.0 and out[2]["clip_text_drop"] == 0.0  # nothing spelled: unchanged
-    # The check by hand: the same model, the image before and after inpainting its text boxes.
+    # The check by hand: the same model, the image before and after inpainting the spelled words.
     img = decode_rgb(rendered[0])
-    boxes, texts = s.read_text(img)
-    clean = remove_text(img, boxes)
+    boxes, texts, words = s.read_text(img, with_words=True)
+    # RapidOCR's word boxes: "SUMMER" comes in two pieces (a wide gap between letters), one token.
+    assert ["".join(w for w, _ in line) for line in words] == ["SUMMER", "SALE"]
+    assert len(spelled_regions("SUMMER SALE", texts, boxes, words)) == sum(len(line) for line in words)
+    clean = remove_text(img, spelled_regions("SUMMER SALE", texts, boxes, words))
     assert s.read_text(clean)[1] == []  # the painted-over image has no legible text left
     model, _, preprocess = open_clip.create_model_and_transforms(tiny_clip.model, pretrained=tiny_clip.pretrained)
     model.eval()
@@ -381,6 +494,32 @@ def test_clip_text_drop_compares_before_and_after_removing_the_spelled_text(stag
     assert out[0]["clip_text_drop"] == pytest.approx(sims[0] - sims[1], abs=1e-5)
     assert out[0]["clip_text_drop"] != 0.0
     assert s.process(BASE_SCHEMA.empty_table()).schema.field("clip_text_drop").type == pa.float32()
+
+
+def test_only_the_words_the_caption_spells_are_painted_out(stage):
+    """One line "FRESH BREAD"; the caption spells "BREAD" only. Its word box (RapidOCR's
+    ``return_word_box``) is painted out and "FRESH" stays legible; the whole line's box would
+    have removed both."""
+    img = _photo("chelsea")
+    ImageDraw.Draw(img).text((128, 200), "FRESH BREAD", font=_font(28), fill=(255, 255, 255), anchor="mm",
+                             stroke_width=2, stroke_fill=(0, 0, 0))
+    img = decode_rgb(_jpeg(img))
+    s = _with(stage)
+    boxes, texts, words = s.read_text(img, with_words=True)
+    assert texts == ["FRESH BREAD"] and [w for w, _ in words[0]] == ["FRESH", "BREAD"]
+    (fresh, fq), (bread, bq) = words[0]
+    line = boxes[0]
+    assert line[:, 0].min() - 2 <= fq[:, 0].min() < fq[:, 0].max() <= bq[:, 0].min() + 2  # left to right
+    assert bq[:, 0].max() <= line[:, 0].max() + 2 and bq[:, 1].min() >= line[:, 1].min() - 2
+    spelled = spelled_regions("a cat and a loaf of BREAD", texts, boxes, words)
+    assert len(spelled) == 1 and np.allclose(spelled[0], bq)
+    assert s.read_text(remove_text(img, spelled))[1] == ["FRESH"]
+    assert s.read_text(remove_text(img, boxes))[1] == []
+    # Under the paper's rule "bread" is not "BREAD"; the normalised rule matches it.
+    assert len(spelled_regions("a loaf of bread", texts, boxes, words)) == 0
+    assert np.allclose(spelled_regions("a loaf of bread", texts, boxes, words, "cotr_normalized")[0], bq)
+    # An engine without word boxes: the spelled word's whole line.
+    assert np.allclose(spelled_regions("BREAD", texts, boxes, None)[0], line)
 
 
 def test_remove_text_only_touches_the_boxes():
@@ -408,12 +547,53 @@ def test_job_on_the_sample_pool_drops_the_signs_whose_caption_is_their_text(ray_
     parrots = sorted(r["key"] for r in rej if r["drop_reason"] == "parrot")
     assert parrots == ["sign_000", "sign_002", "sign_004"]  # captions "OPEN", "STOP", "HELLO WORLD"
     kept = {r["key"]: r for r in meta}
-    for j in (1, 3, 5):  # 'a white sign that says "..."': the text is a minority of the words
+    for j in (1, 3, 5):  # 'a white sign that says "..."': the quoted token is '"OPEN"', not 'OPEN'
         row = kept[f"sign_{j:03d}"]
-        assert row["ocr_text"] == SIGNS[j] and 0 < row["cotr"] <= 0.5
+        assert row["ocr_text"] == SIGNS[j] and row["cotr"] == 0.0 and 0 < row["cotr_normalized"] <= 0.5
     assert kept["photo_chelsea"]["ocr_boxes"] == 0 and kept["photo_chelsea"]["cotr"] == 0.0
     # Circles and squares trip the detector ("O", "一"); single glyphs are not counted as text.
     assert [k for k, r in kept.items() if k.startswith("shape_") and r["ocr_boxes"]] == []
     manifest = json.loads((out / "manifest.json").read_text())
     stages = {s["stage"]: s for s in manifest["counts"]["stages"]}
     assert stages["parrot"]["reasons"] == {"parrot": 3}
+
+
+def test_parrot_recipe_keeps_images_without_text(ray_session, sample_pool, tmp_path):
+    """jobs/parrot.yaml, the paper's released subset's rule, on the sample pool (a tiny CLIP model in
+    place of OpenAI ViT-B/32): every image with legible text goes as ``text_image``, whatever its
+    caption; the images without text go on to the CLIP score >= 0.3 filter."""
+    import yaml
+
+    from clip_tiny import write_tiny_clip
+    from conftest import REPO
+    from pairsift.pipeline.runner import run_job
+    from pairsift.pipeline.spec import parse_job
+    from pairsift.samplepool import pool_samples
+
+    raw = yaml.safe_load((REPO / "jobs" / "parrot.yaml").read_text())
+    parrot = next(e["parrot"] for e in raw["stages"] if "parrot" in e)
+    assert parrot["policy"] == "no_text" and parrot["min_text_area"] == 0.0
+    clip = next(e["clip_score"] for e in raw["stages"] if "clip_score" in e)
+    assert (clip["model"], clip["pretrained"], clip["min_score"]) == ("ViT-B-32", "openai", 0.3)
+    clip["model"], clip["pretrained"] = write_tiny_clip(tmp_path / "tiny")
+    raw["input"]["path"], raw["output"] = str(sample_pool), str(tmp_path / "out")
+    result = run_job(parse_job(raw, base_dir=REPO / "jobs"))
+    kept = result.manifest["counts"]["kept"]  # random tiny-model scores: few or none reach 0.3
+    meta = pq.read_table(tmp_path / "out" / "metadata").to_pylist() if kept else []
+    rej = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
+    assert len(meta) + len(rej) == len(pool_samples())
+    text_images = {r["key"] for r in rej if r["drop_reason"] == "text_image"}
+    signs = {f"sign_{j:03d}" for j in range(6)}
+    assert text_images >= signs | {"photo_page"}  # all six signs, parrot or not, and the printed page
+    # The one photo without text that goes: the accurate pass reads the cameraman's four coat
+    # buttons as "C000" (recognition score 0.73); full OCR on every image does the same.
+    assert text_images - signs - {"photo_page"} <= {"photo_camera"}
+    for r in rej:
+        if r["drop_reason"] == "text_image":
+            assert r["ocr_boxes"] >= 1 and r["drop_stage"] == "parrot"
+    scored = [r for r in meta + rej if r["drop_stage"] in (None, "clip_score")]
+    assert scored and all(r["ocr_boxes"] == 0 for r in scored)
+    assert all(r["clip_score"] >= 0.3 for r in meta) and all(r["clip_score"] < 0.3 for r in rej
+                                                             if r["drop_reason"] == "clip_score")
+    stages = {s["stage"]: s for s in result.manifest["counts"]["stages"]}
+    assert stages["parrot"]["reasons"] == {"text_image": len(text_images)}
