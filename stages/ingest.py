@@ -278,6 +278,11 @@ def _check_parquet_columns(path: str, input_spec) -> pa.Schema:
             f"input.path: {safe_text(path)} lacks column(s) {', '.join(map(repr, missing))}; it has "
             f"{', '.join(names)}{hint}. Set input.image_column / input.caption_column."
         )
+    used = [input_spec.image_column, caption, input_spec.url_column] + list(getattr(input_spec, "keep_columns", None) or [])
+    twice = sorted({c for c in used if names.count(c) > 1})
+    if twice:
+        raise ConfigError(f"input.path: {safe_text(path)} has more than one column named "
+                          f"{', '.join(map(repr, twice))}; which one to read is ambiguous")
     check_column_type(path, schema, input_spec.image_column, "input.image_column", _is_image_type,
                       "encoded image bytes (binary, or a struct with a binary 'bytes' field)")
     check_column_type(path, schema, caption, "input.caption_column", is_text_type, "text (string or binary)")
@@ -445,6 +450,34 @@ def _gzip_damage(path: str) -> str | None:
     return None
 
 
+class _CappedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers (GNU long names, pax records) are refused past
+    ``max_header`` bytes: tarfile reads them into memory whole, so a long-name "member" of
+    gigabytes (a gzip bomb) would otherwise be one allocation. Refusing it ends the read
+    there, as a damaged tar."""
+
+    max_header = MAX_TEXT_BYTES
+    _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                 tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tf):
+        if self.type in self._EXTENDED and self.size > self.max_header:
+            raise tarfile.SubsequentHeaderError(f"{self.name!r}: an extended header of {self.size} bytes "
+                                                f"(at most {self.max_header} read)")
+        return super()._proc_member(tf)
+
+
+def _tar_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of a tar opened for streaming, without keeping them: TarFile lists every
+    member it has read, which for a tar of millions of empty members is gigabytes."""
+    while True:
+        info = tf.next()
+        if info is None:
+            return
+        tf.members.clear()
+        yield info
+
+
 class _Read1:
     """``read`` as ``read1``: what can be decompressed now. GzipFile's buffered ``read(n)``
     loses the data it has when the stream ends early; tarfile copes with short reads."""
@@ -489,8 +522,10 @@ def read_tar(shard: InputShard, input_spec, batch_size: int, errors: list[str]) 
         sound_gzip = gzipped and not damage
         stream = _Read1(gzip.GzipFile(fileobj=raw, mode="rb")) if sound_gzip else raw
         try:
-            with tarfile.open(fileobj=stream, mode="r|" if sound_gzip else "r|*", bufsize=_CHUNK) as tf:
-                for info in tf:
+            header_cls = type("_TarInfo", (_CappedTarInfo,), {"max_header": max(limits.text, 64 * 1024)})
+            with tarfile.open(fileobj=stream, mode="r|" if sound_gzip else "r|*", bufsize=_CHUNK,
+                              tarinfo=header_cls) as tf:
+                for info in _tar_members(tf):
                     if not info.isfile():
                         continue
                     m = _KEY_EXT.match(info.name)

@@ -123,9 +123,14 @@ def altered_stored_gzip(raw: bytes, marker: bytes = b"JFIF", shift: int = 40) ->
 def expected_groups(names: list[str | None]) -> list[str]:
     """Keys of the samples a WebDataset reader forms from the regular-file members named
     ``names`` (None for entries that are not regular files), in order."""
-    keys: list[str] = []
+    return [key for key, _ in group_starts(names)]
+
+
+def group_starts(names: list[str | None]) -> list[tuple[str, int]]:
+    """(key, index in ``names`` of the sample's first member) of each sample, in order."""
+    groups: list[tuple[str, int]] = []
     current, exts = None, set()
-    for name in names:
+    for i, name in enumerate(names):
         if name is None:
             continue
         m = _KEY_EXT.match(name)
@@ -135,10 +140,10 @@ def expected_groups(names: list[str | None]) -> list[str]:
         if key.startswith("./"):
             key = key[2:]
         if current is None or key != current or ext in exts:
-            keys.append(key)
+            groups.append((key, i))
             current, exts = key, set()
         exts.add(ext)
-    return keys
+    return groups
 
 
 # --------------------------------------------------------------------------- parquet

@@ -206,6 +206,17 @@ def test_item8_parquet_column_of_wrong_type_is_exit_2_naming_it(tmp_path, capsys
     assert not out.exists(), "nothing written"
 
 
+def test_item8_parquet_with_a_column_twice_is_exit_2(tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.Table.from_arrays([pa.array([jpeg(1)]), pa.array(["a"]), pa.array(["b"])],
+                                        names=["image", "caption", "caption"]), inp / "a.parquet")
+    out = tmp_path / "out"
+    assert cli_main(["run", str(_spec_file(tmp_path, inp, out, fmt="parquet"))]) == 2
+    assert "more than one column named 'caption'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_item8_keep_column_with_two_types_is_exit_2(tmp_path, capsys):
     inp = tmp_path / "in"
     inp.mkdir()
@@ -325,6 +336,24 @@ def test_item13_gzip_bomb_and_huge_caption_are_dropped_unread(tmp_path):
         ("a", None), ("b", "member_too_large"), ("c", None),
         ("d", "member_too_large"), ("e", "member_too_large"), ("f", None)]
     assert not errors
+    assert peak < 16 * 2**20, f"reading took {peak / 2**20:.0f} MiB"
+
+
+def test_item13_long_name_bomb_is_refused_unread(tmp_path):
+    """A GNU long-name header claiming 96 MiB (tarfile reads such headers whole) ends the read
+    as a damaged tar: the samples before it are kept, nothing after it is allocated."""
+    bomb = io.BytesIO()
+    head = tarfile.TarInfo("././@LongLink")
+    head.type, head.size = tarfile.GNUTYPE_LONGNAME, 96 * 2**20
+    bomb.write(head.tobuf(tarfile.GNU_FORMAT))
+    bomb.write(b"n" * head.size)
+    first = write_tar(_pair("a", 1))
+    data = first.data[: first.data_end[-1]] + bomb.getvalue() + write_tar(_pair("b", 2)).data
+    _write(tmp_path / "in" / "longname.tgz", gzipped(data, level=1))
+    del bomb, data
+    rows, errors, peak = _peak_read(tmp_path / "in")
+    assert [(r["key"], r["drop_reason"]) for r in rows] == [("a", "source_truncated")]
+    assert "an extended header of 100663296 bytes" in errors[0]
     assert peak < 16 * 2**20, f"reading took {peak / 2**20:.0f} MiB"
 
 
