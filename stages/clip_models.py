@@ -271,7 +271,7 @@ def ensure_weights(w: Weights, where: str = WHERE) -> list[str]:
     files = cached_files(w)
     if files is not None:
         return files
-    where = ", ".join(f"Hugging Face Hub {repo}" for repo, _ in w.hub_files) or w.url
+    source = ", ".join(f"Hugging Face Hub {repo}" for repo, _ in w.hub_files) or w.url
     if offline():
         why = "this machine is offline (HF_HUB_OFFLINE is set)"
     else:
@@ -284,7 +284,7 @@ def ensure_weights(w: Weights, where: str = WHERE) -> list[str]:
     from huggingface_hub import constants
 
     raise ConfigError(
-        f"{where}: the weights of {w.label} ({where}) are not in the local cache and cannot be "
+        f"{where}: the weights of {w.label} ({source}) are not in the local cache and cannot be "
         f"fetched: {why}. Either fetch them into the cache on a connected machine with "
         f"`pairsift models pull {w.pull_name}` (and copy the cache, {constants.HF_HUB_CACHE}, to this "
         f"machine or set HF_HOME to a copy of it), or point `pretrained` at a local checkpoint file "

@@ -37,7 +37,8 @@ def write_tiny_clip(folder) -> tuple[str, str]:
 
 
 def plain_scores(config: str, weights: str, pairs: list[tuple[bytes, str]]) -> list[float]:
-    """Scores of (image bytes, caption) pairs the plain open_clip way, one pair at a time."""
+    """Scores of (image bytes, caption) pairs the plain open_clip way, one pair at a time, the
+    image decoded as open_clip_train's loader feeds training (``pilrgb``: RGB first)."""
     import open_clip
     import torch
     from PIL import Image
@@ -52,9 +53,31 @@ def plain_scores(config: str, weights: str, pairs: list[tuple[bytes, str]]) -> l
     try:
         with torch.no_grad():
             for data, caption in pairs:
-                image = model.encode_image(preprocess(Image.open(io.BytesIO(data))).unsqueeze(0), normalize=True)
+                rgb = Image.open(io.BytesIO(data)).convert("RGB")
+                image = model.encode_image(preprocess(rgb).unsqueeze(0), normalize=True)
                 text = model.encode_text(tokenizer([caption]), normalize=True)
                 out.append(float((image * text).sum()))
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def put_in_hf_cache(hub_cache, repo: str, files: dict) -> Path:
+    """Put ``files`` (name -> bytes, or the path of a file to link) into a Hugging Face Hub
+    cache folder (``HF_HOME/hub``) as repo ``repo``'s main revision, the layout
+    ``hf_hub_download`` finds offline. Returns the snapshot folder."""
+    import os
+
+    root = Path(hub_cache) / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snap.mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(snap.name)
+    for name, payload in files.items():
+        target = snap / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(payload, bytes):
+            target.write_bytes(payload)
+        else:
+            os.symlink(os.path.abspath(payload), target)
+    return snap

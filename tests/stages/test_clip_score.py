@@ -137,6 +137,113 @@ def test_min_score_drops_below_the_threshold(tiny):
     assert out.column("clip_score").null_count == 0  # scores are kept for dropped rows too
 
 
+def _encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _every_mode() -> dict[str, bytes]:
+    """Encoded images whose Pillow mode is each mode a web image comes in."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:90, 0:120]
+    smooth = np.stack([xx * 2, yy * 2, (xx + yy)], axis=-1) % 256
+    rgb = Image.fromarray((smooth + rng.integers(0, 40, smooth.shape)).clip(0, 255).astype(np.uint8))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    grey16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    return {
+        "1": _encode(rgb.convert("1"), "PNG"),
+        "L": _encode(rgb.convert("L"), "PNG"),
+        "LA": _encode(rgb.convert("LA"), "PNG"),
+        "P": _encode(palette, "PNG"),
+        "P+transparency": _encode(palette, "PNG", transparency=0),
+        "RGBA": _encode(rgb.convert("RGBA"), "PNG"),
+        "CMYK": _encode(rgb.convert("CMYK"), "JPEG"),
+        "I;16": _encode(Image.fromarray(grey16), "PNG"),
+        "I;16B": _encode(Image.fromarray(grey16.astype(">u2")), "TIFF"),
+        "I": _encode(Image.fromarray(grey16.astype(np.int32)), "TIFF"),
+        "F": _encode(Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.float32)), "TIFF"),
+        "LAB": _encode(rgb.convert("LAB"), "TIFF"),
+        "YCbCr": _encode(rgb.convert("YCbCr"), "TIFF"),
+        "RGB": _encode(rgb, "JPEG"),
+    }
+
+
+def test_every_image_mode_is_converted_to_rgb_before_the_transform(tiny):
+    """open_clip_train's loader (webdataset ``pilrgb``) converts to RGB, then transforms:
+    the scores and embeddings are those of ``preprocess(img.convert("RGB"))``."""
+    import open_clip
+    import torch
+
+    images = _every_mode()
+    for name, data in images.items():
+        assert Image.open(io.BytesIO(data)).mode == name.split("+")[0], name
+    pairs = [(data, f"a picture in mode {name}") for name, data in images.items()]
+    out = _stage(tiny).process(_table(pairs))
+    assert out.column("drop_reason").null_count == len(pairs)  # every mode decodes
+
+    open_clip.add_model_config(tiny[0])
+    model, _, preprocess = open_clip.create_model_and_transforms("pairsift-tiny-clip", pretrained=tiny[1])
+    tokenizer = open_clip.get_tokenizer("pairsift-tiny-clip")
+    with torch.no_grad():
+        for i, (name, data) in enumerate(images.items()):
+            img = Image.open(io.BytesIO(data))
+            rgb = preprocess(img.convert("RGB")).unsqueeze(0)
+            image = model.encode_image(rgb, normalize=True)
+            text = model.encode_text(tokenizer([pairs[i][1]]), normalize=True)
+            assert out.column("clip_score")[i].as_py() == pytest.approx(float((image * text).sum()), abs=1e-4), name
+            emb = np.asarray(out.column("image_emb")[i].values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            np.testing.assert_allclose(emb, image[0].numpy(), atol=2e-3, err_msg=name)
+            if name in ("1", "P"):  # where the order matters: resized in its own mode, the input differs
+                assert float((preprocess(img) - rgb[0]).abs().max()) > 0.1, name
+
+
+def test_scores_and_embeddings_do_not_depend_on_the_cpu_count(tiny):
+    """With 1 and 2 CPUs granted, the same bytes: on CPU each model call runs with one torch
+    thread on a fixed batch (a batch of 5 to 11 pairs is where MKL's float32 products change
+    their last bits with the thread count)."""
+    pairs = [(_jpeg(i), f"random picture {i}") for i in range(23)]  # model calls of 16 and 7 pairs
+    outs = []
+    for cpus in (1, 2):
+        config, weights = tiny
+        stage = ClipScoreStage(ClipScoreConfig(model=config, pretrained=weights, batch_size=32),
+                               StageContext(extras={"resources": {"num_cpus": cpus, "num_gpus": 0}}))
+        stage.preflight()
+        stage.setup()
+        outs.append(stage.process(_table(pairs)))
+    for col in ("clip_score", "image_emb", "text_emb"):
+        assert outs[0].column(col).equals(outs[1].column(col)), col
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for sub in ("metadata", "rejected", "shards")
+            for p in sorted((folder / sub).rglob("*")) if p.is_file()}
+
+
+def test_job_output_is_byte_identical_with_1_and_2_cpus(tiny, tmp_path):
+    """`pairsift run --num-cpus 1` and `--num-cpus 2` (issue 12, item 19): the same bytes in
+    metadata/, rejected/ and shards/. 7-pair shards: the model batches are 5 to 7 pairs."""
+    import subprocess
+    import sys
+
+    write_pool(str(tmp_path / "pool"), shard_size=7)
+    spec = {"name": "cpus", "input": {"format": "webdataset", "path": "pool"}, "output": "out",
+            "stages": [{"quality": {}}, {"clip_score": {"model": tiny[0], "pretrained": tiny[1], "min_score": 0.0}}]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PAIRSIFT_PROGRESS": "0"}
+    outs = []
+    for cpus in ("1", "2"):
+        r = subprocess.run([sys.executable, "-m", "pairsift.cli", "run", "job.yaml", "--num-cpus", cpus, "--output",
+                            f"out{cpus}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(_files(tmp_path / f"out{cpus}"))
+    assert any(k.startswith("shards/") for k in outs[0]) and any(k.startswith("rejected/") for k in outs[0])
+    assert sorted(outs[0]) == sorted(outs[1])
+    assert [k for k in outs[0] if outs[0][k] != outs[1][k]] == []
+    kept = pq.read_table(tmp_path / "out1" / "metadata")
+    assert kept.num_rows > 0 and kept.column("clip_score").null_count == 0
+
+
 # --------------------------------------------------------------------------- top fraction
 
 
@@ -205,7 +312,7 @@ def test_top_fraction_end_to_end_exact_and_deterministic(ray_session, tiny, tmp_
         assert {"clip_score.decode", "clip_score.infer"} <= worker
         runs.append((set(meta.column("uid").to_pylist()), sorted(meta.column("clip_score").to_pylist())))
     assert runs[0][0] == runs[1][0]
-    np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-6)
+    assert runs[0][1] == runs[1][1]  # the same float32 scores, bit for bit
 
 
 # --------------------------------------------------------------------------- configuration
