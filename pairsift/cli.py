@@ -1,6 +1,6 @@
 """The ``pairsift`` command line.
 
-    pairsift run JOB.yaml [--output DIR] [--num-cpus N] [--restart]
+    pairsift run JOB.yaml [--output DIR] [--num-cpus N] [--restart] [--executor ray|local]
     pairsift stats OUT [--sql "SELECT ..."]
     pairsift sample-pool DIR
 
@@ -27,7 +27,7 @@ def _cmd_run(args) -> int:
     if output and "://" not in output:  # URLs (s3://, gs://) are left as they are
         output = os.path.abspath(output)
     spec = load_job(args.job, output=output, num_cpus=args.num_cpus)
-    result = run_job(spec, restart=args.restart)
+    result = run_job(spec, restart=args.restart, executor=args.executor)
     print(format_summary(result.manifest))
     print(f"\noutput: {result.output}  (pairsift stats {result.output})")
     return 0
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output folder (overrides the spec's output)")
     run.add_argument("--num-cpus", type=int, help="CPUs for local Ray / at most this many tasks at once")
     run.add_argument("--restart", action="store_true", help="discard the output folder's earlier run and start over")
+    run.add_argument("--executor", choices=("ray", "local"), default="ray",
+                     help="ray (default), or local: every task in this process, one after another (for debugging)")
     run.set_defaults(func=_cmd_run)
 
     st = sub.add_parser("stats", help="funnel and score summaries of a finished job (DuckDB)")

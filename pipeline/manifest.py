@@ -41,9 +41,10 @@ def funnel(stage_names: list[str], drops: Counter, total: int) -> list[dict]:
 
 
 def build_manifest(spec, shards, final_summaries, emitted, stage_facts, phase_times, ray_init_s=0.0,
-                   source_errors: list[list[str]] | None = None) -> dict:
+                   source_errors: list[list[str]] | None = None, columns: list[dict] | None = None) -> dict:
     """``source_errors``: each input shard's read errors (from the phase that read the sources;
-    defaults to what the final summaries carry)."""
+    defaults to what the final summaries carry). ``columns``: what each stage added
+    ({name, stage, type, score}); ``pairsift stats`` and the report summarise the scores."""
     if source_errors is None:
         source_errors = [s.get("source_errors", []) for s in final_summaries]
     drops: Counter = Counter()
@@ -68,6 +69,7 @@ def build_manifest(spec, shards, final_summaries, emitted, stage_facts, phase_ti
         "shards": emitted,
         "rejected": [f"rejected/{sh.name}.parquet" for sh in shards],
         "stage_facts": stage_facts,
+        "columns": columns or [],
         "timings": {"ray_init_s": round(ray_init_s, 3), "phases": phase_times},
     }
 

@@ -1,9 +1,8 @@
 """``OUT/report.html``: one self-contained page (no network) about a finished job.
 
 Sections (each an element with a stable id): ``funnel`` (counts per stage and reason),
-``scores`` (histograms of clip_score, cotr and the other score columns present),
-``metaclip`` (entry-count distribution before/after balancing, when the job balanced),
-``clusters`` (concept-pruning budgets, when the job pruned), ``throughput`` (seconds and
+``scores`` (histograms of the score columns the job's stages declared), then each stage's
+own section (``Stage.report_section``: e.g. MetaCLIP entry counts, cluster budgets), ``throughput`` (seconds and
 samples/s per phase) and ``examples`` (thumbnails of kept pairs and of dropped pairs with their
 reasons; dropped pairs have no pixels in the output, so their thumbnails are read back from
 the input shards). Charts are inline SVG; thumbnails are inline JPEG data URLs.
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pairsift.pipeline.stats import SCORE_COLUMNS, connect
+from pairsift.pipeline.stats import connect, score_columns
 
 THUMB = 112
 CSS = """
@@ -116,7 +115,9 @@ def _source_image(source: str, key: str) -> bytes | None:
     return None
 
 
-def _kept_examples(output: str, n: int) -> list[str]:
+def _kept_examples(output: str, n: int, score: str | None = None) -> list[str]:
+    """Thumbnails of the first kept samples, each noted with its ``score`` (the job's first
+    score column) when it has one."""
     out = []
     shards = sorted(f for f in os.listdir(os.path.join(output, "shards")) if f.endswith(".tar")) \
         if os.path.isdir(os.path.join(output, "shards")) else []
@@ -131,7 +132,8 @@ def _kept_examples(output: str, n: int) -> list[str]:
         for uid, parts in list(members.items())[:n]:
             img = next((v for k, v in parts.items() if k in ("jpg", "png", "webp")), None)
             meta = json.loads(parts.get("json", b"{}") or b"{}")
-            note = f"clip {meta['clip_score']:.3f}" if isinstance(meta.get("clip_score"), float) else "kept"
+            value = meta.get(score) if score else None
+            note = f"{score} {value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "kept"
             out.append(_figure(_thumb(img), parts.get("txt", b"").decode("utf-8", "replace"), note))
         if len(out) >= n:
             break
@@ -164,34 +166,26 @@ def build_report(output: str, thumbs: int = 12) -> str:
                + (svg_bars([r for r, _ in reasons], [k for _, k in reasons], "drops by reason") if reasons else "")
                + "</section>")
 
-    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     charts = []
-    for col in SCORE_COLUMNS:
-        if col in cols:
-            vals = np.array([v for (v,) in con.execute(f"SELECT {col} FROM samples WHERE {col} IS NOT NULL").fetchall()],
-                            dtype=float)
-            charts.append(svg_histogram(vals, f"{col} (kept)"))
+    scores = score_columns(output, con)
+    for col in scores:
+        q = '"' + col.replace('"', '""') + '"'
+        vals = np.array([v for (v,) in con.execute(f"SELECT {q} FROM samples WHERE {q} IS NOT NULL").fetchall()],
+                        dtype=float)
+        charts.append(svg_histogram(vals, f"{col} (kept)"))
     sec.append('<section id="scores"><h2>Scores</h2><div class="charts">' + ("".join(charts) or "<p>no score columns</p>")
                + "</div></section>")
 
-    counts_path = os.path.join(output, "metaclip", "entry_counts.parquet")
-    if os.path.isfile(counts_path):
-        t = pq.read_table(counts_path).to_pandas()
-        t = t[t["count"] > 0]
-        before = np.log10(t["count"].to_numpy(dtype=float))
-        after_vals = (t["count"] * t["p"]).to_numpy(dtype=float)
-        after = np.log10(after_vals[after_vals > 0])
-        sec.append('<section id="metaclip"><h2>MetaCLIP entry counts</h2><div class="charts">'
-                   + svg_histogram(before, "log10 matches per entry, before")
-                   + svg_histogram(after, "log10 expected matches per entry, after") + "</div></section>")
+    for entry in m["spec"].get("stages", []):  # each stage's own section (its artifacts)
+        (name,) = entry
+        try:
+            from pairsift.stages import get_stage_class
 
-    clusters_path = os.path.join(output, "concept_prune", "clusters.parquet")
-    if os.path.isfile(clusters_path):
-        t = pq.read_table(clusters_path).to_pandas()
-        order = t.sort_values("complexity") if "complexity" in t else t
-        sec.append('<section id="clusters"><h2>Cluster budgets</h2>'
-                   + svg_bars([str(i) for i in order.index], order["budget"].tolist(), "budget per cluster (by complexity)")
-                   + svg_bars([str(i) for i in order.index], order["size"].tolist(), "size per cluster") + "</section>")
+            html = get_stage_class(name).report_section(output, m)
+        except Exception as e:  # a stage's section must not lose the rest of the report
+            html = f'<section><h2>{_e(name)}</h2><p>section not available: {_e(type(e).__name__)}: {_e(str(e))}</p></section>'
+        if html and html not in sec:
+            sec.append(html)
 
     trows = []
     for ph in m["timings"]["phases"]:
@@ -203,7 +197,7 @@ def build_report(output: str, thumbs: int = 12) -> str:
                + _table(["phase", "seconds", "samples/s", "shards run", "worker seconds"], trows) + "</section>")
 
     sec.append('<section id="examples"><h2>Examples</h2><h3>kept</h3><div class="grid">'
-               + "".join(_kept_examples(output, thumbs)) + '</div><h3>dropped</h3><div class="grid">'
+               + "".join(_kept_examples(output, thumbs, next(iter(scores), None))) + '</div><h3>dropped</h3><div class="grid">'
                + "".join(_dropped_examples(con, thumbs)) + "</div></section>")
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pairsift: {_e(m['name'])}</title>"

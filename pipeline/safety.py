@@ -170,6 +170,38 @@ class JobLock:
         self._thread: threading.Thread | None = None
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
 
+    def check_free(self) -> None:
+        """Refuse early (ConfigError) if another run holds the lock; writes nothing. The lock
+        itself is taken by :meth:`acquire` once the job is known to be able to start."""
+        if storage.is_url(self.output):
+            if storage.exists(self.path):
+                self._refuse_if_live(storage.read_json(self.path))
+            return
+        if not os.path.isfile(self.path):
+            return
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            raise ConfigError(f"output {self.output} is in use by another pairsift run ({holder}); wait for it to "
+                              f"finish, or use another --output") from None
+        finally:
+            os.close(fd)
+
+    def _refuse_if_live(self, held: dict) -> None:
+        age = time.time() - float(held.get("beat", 0))
+        if age < self.stale:
+            raise ConfigError(
+                f"output {self.output} is in use by another pairsift run (pid {held.get('pid')} on "
+                f"{held.get('host')}, heartbeat {age:.0f} s ago); wait for it to finish, or use another --output")
+
     def acquire(self) -> "JobLock":
         if storage.is_url(self.output):
             self._acquire_remote()
@@ -201,11 +233,7 @@ class JobLock:
                 held = storage.read_json(self.path)
             except Exception:
                 held = {}
-            age = time.time() - float(held.get("beat", 0))
-            if age < self.stale:
-                raise ConfigError(
-                    f"output {self.output} is in use by another pairsift run (pid {held.get('pid')} on "
-                    f"{held.get('host')}, heartbeat {age:.0f} s ago); wait for it to finish, or use another --output")
+            self._refuse_if_live(held)
         self._write_beat()
         time.sleep(0.05)
         if storage.read_json(self.path).get("token") != self.owner["token"]:  # lost a race

@@ -80,6 +80,8 @@ class InputSpec(_Strict):
 class RaySpec(_Strict):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    #: GPUs a local Ray declares (None: what Ray detects). Ignored when joining a cluster.
+    num_gpus: int | None = Field(None, ge=0)
 
 
 class EmitSpec(_Strict):
@@ -144,11 +146,21 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _caption_policy_needs_recaptions(self) -> "JobSpec":
-        if self.emit.caption_policy != "original" and not any(
-                getattr(s.config, "output_column", None) == "recaption" for s in self.stages):
+        if self.emit.caption_policy != "original" and self.caption_column() is None:
             raise ValueError(f"emit.caption_policy: {self.emit.caption_policy!r} needs a stage writing the "
-                             f"'recaption' column (a recaption stage with output_column: recaption)")
+                             f"'recaption' column or another caption column (a recaption stage)")
         return self
+
+    def caption_column(self) -> str | None:
+        """The column ``emit.caption_policy`` takes recaptions from: the one the last stage that
+        writes a caption column writes (``Stage.caption_column``)."""
+        from pairsift.stages import get_stage_class
+
+        found = None
+        for s in self.stages:
+            col = get_stage_class(s.name).caption_column(s.config)
+            found = col or found
+        return found
 
     def dump(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"stages"})

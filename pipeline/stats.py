@@ -14,9 +14,25 @@ import duckdb
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.storage import require_local
 
-#: Numeric columns summarised when a job has them (later stages add theirs here).
-SCORE_COLUMNS = ("clip_score", "cotr", "cotr_fuzzy", "text_area", "ocr_boxes", "clip_text_drop", "metaclip_p",
-                 "centroid_distance", "width", "height")
+#: Columns of the row schema and of emit, never summarised as scores.
+NOT_SCORES = ("uid", "key", "source", "url", "caption", "image", "drop_reason", "drop_stage", "shard", "image_ext",
+              "transcoded")
+
+
+def score_columns(output: str, con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The score columns of a job's kept rows: what ``manifest.json`` says each stage added as
+    a score (``Stage.scores``; by default its numeric columns), in stage order. An output
+    without that record gets every numeric column."""
+    have = {r[0]: r[1] for r in con.execute("DESCRIBE samples").fetchall()}
+    path = os.path.join(output, "manifest.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cols = json.load(f).get("columns")
+        if cols is not None:
+            return [c["name"] for c in cols if c.get("score") and c["name"] in have]
+    numeric = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT",
+               "DOUBLE", "HUGEINT")
+    return [c for c, t in have.items() if c not in NOT_SCORES and (t in numeric or t.startswith("DECIMAL"))]
 
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
@@ -51,37 +67,13 @@ def funnel(con: duckdb.DuckDBPyConnection):
     ).fetchall()
 
 
-def score_summaries(con: duckdb.DuckDBPyConnection) -> list[tuple]:
-    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+def score_summaries(con: duckdb.DuckDBPyConnection, output: str) -> list[tuple]:
     out = []
-    for c in SCORE_COLUMNS:
-        if c in cols:
-            row = con.execute(
-                f"SELECT count({c}), min({c}), quantile_cont({c}, 0.1), median({c}), avg({c}), "
-                f"quantile_cont({c}, 0.9), max({c}) FROM samples"
-            ).fetchone()
-            out.append((c, *row))
-    return out
-
-
-def recaption_summaries(con: duckdb.DuckDBPyConnection) -> list[tuple]:
-    """Per recaption column (``X`` with ``X_model`` and ``X_error``) of the kept samples: how
-    many were asked, recaptioned and failed, the commonest failure, and the mean words of the
-    alt text and of the recaption (the first one, for lists of rewrites)."""
-    types = {r[0]: r[1] for r in con.execute("DESCRIBE samples").fetchall()}
-    out = []
-    for model_col in sorted(c for c in types if c.endswith("_model")):
-        col = model_col[: -len("_model")]
-        if col not in types or f"{col}_error" not in types:
-            continue
-        text = f"{col}[1]" if types[col].endswith("[]") else col
-        row = con.execute(
-            f"SELECT count({model_col}), count({col}), count({col}_error), "
-            f"avg(len(string_split(caption, ' '))), avg(len(string_split({text}, ' '))) FROM samples"
-        ).fetchone()
-        top = con.execute(f"SELECT split_part({col}_error, ':', 1) AS kind, count(*) AS n FROM samples "
-                          f"WHERE {col}_error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind LIMIT 1").fetchone()
-        out.append((col, row[0], row[1], row[2], f"{top[0]} ({top[1]:,})" if top else None, row[3], row[4]))
+    for c in score_columns(output, con):
+        q = '"' + c.replace('"', '""') + '"'
+        row = con.execute(f"SELECT count({q}), min({q}), quantile_cont({q}, 0.1), median({q}), avg({q}), "
+                          f"quantile_cont({q}, 0.9), max({q}) FROM samples").fetchone()
+        out.append((c, *row))
     return out
 
 
@@ -116,48 +108,32 @@ def stats_text(output: str) -> str:
     parts.append("")
     parts.append("funnel by drop reason (DuckDB over metadata/ and rejected/):")
     parts.append(format_table(["stage", "reason", "samples"], funnel(con)))
-    scores = score_summaries(con)
+    scores = score_summaries(con, output)
     if scores:
         parts.append("")
         parts.append("score summaries (kept samples):")
         parts.append(format_table(["column", "n", "min", "p10", "median", "mean", "p90", "max"], scores))
-    recaptions = recaption_summaries(con)
-    if recaptions:
-        parts.append("")
-        parts.append("recaptions (kept samples):")
-        parts.append(format_table(["column", "asked", "recaptioned", "failed", "top failure", "words alt",
-                                   "words new"], recaptions))
-    parts.extend(metaclip_section(con, output))
+    parts.extend(stage_sections(output, con))
     return "\n".join(parts)
 
 
-def metaclip_section(con: duckdb.DuckDBPyConnection, output: str) -> list[str]:
-    """Head/tail of MetaCLIP entry counts before and after balancing, when the job ran the
-    ``metaclip`` stage (``OUT/metaclip/entry_counts.parquet``)."""
-    path = os.path.join(output, "metaclip", "entry_counts.parquet")
+def stage_sections(output: str, con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Each stage's own part of ``pairsift stats`` (``Stage.stats_section``), in job order."""
+    path = os.path.join(output, "manifest.json")
     if not os.path.isfile(path):
         return []
-    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
-    if "metaclip_entries" not in cols:
-        return []
-    lang = "metaclip_lang" if "metaclip_lang" in cols else "NULL::VARCHAR"
-    src = "'" + path.replace("'", "''") + "'"
-    con.execute(f"""CREATE OR REPLACE TEMP VIEW metaclip_counts AS
-        WITH k AS (SELECT {lang} AS language, unnest(metaclip_entries) AS entry_id FROM samples),
-             kc AS (SELECT language, entry_id, count(*) AS kept FROM k GROUP BY ALL)
-        SELECT e.*, coalesce(kc.kept, 0) AS kept FROM read_parquet({src}) e LEFT JOIN kc
-        ON e.entry_id = kc.entry_id AND e.language IS NOT DISTINCT FROM kc.language""")
-    per_lang = con.execute("""
-        SELECT coalesce(language, 'all'), any_value(t), count(*), count(*) FILTER (WHERE count > 0),
-               count(*) FILTER (WHERE count >= t), sum(count), sum(count) FILTER (WHERE count < t) / sum(count),
-               sum(kept), max(kept) FILTER (WHERE count >= t)
-        FROM metaclip_counts GROUP BY 1 ORDER BY sum(count) DESC""").fetchall()
-    top = con.execute("""SELECT coalesce(language, 'all'), entry, count, p, kept FROM metaclip_counts
-                         ORDER BY count DESC, entry LIMIT 10""").fetchall()
-    return ["", "MetaCLIP entry counts (metaclip/entry_counts.parquet; kept = matches among kept samples):",
-            format_table(["language", "t", "entries", "matched", "head entries", "matches", "tail share",
-                          "kept matches", "max kept (head)"], per_lang),
-            "", "most matched entries:", format_table(["language", "entry", "count", "p", "kept"], top)]
+    with open(path) as f:
+        names = [next(iter(e)) for e in json.load(f).get("spec", {}).get("stages", [])]
+    from pairsift.stages import get_stage_class
+
+    lines: list[str] = []
+    for name in dict.fromkeys(names):
+        try:
+            cls = get_stage_class(name)
+        except KeyError:
+            continue
+        lines.extend(cls.stats_section(output, con) or [])
+    return lines
 
 
 def print_stats(output: str) -> None:

@@ -112,22 +112,29 @@ def _codecs(schema: pa.Schema) -> dict[str, str]:
     return {p: ("NONE" if f.name == "image" else "ZSTD") for f in schema for p in _leaf_paths(f.name, f.type)}
 
 
-def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, Any], extras: dict | None) -> pa.Schema:
-    """The phase's output schema: its stages run on an empty batch of the input schema.
+def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, Any],
+                  extras: dict | None) -> tuple[pa.Schema, dict[int, list[list[str]]]]:
+    """The phase's output schema (its stages run on an empty batch of the input schema), and
+    the columns each stage added, with their Arrow types (for the manifest).
 
     Unguarded on purpose: a stage that cannot handle an empty batch would otherwise have its
     columns silently cast away from every real batch. Its failure is a ConfigError naming it."""
     batch = in_schema.empty_table()
+    added: dict[int, list[list[str]]] = {}
     for step in phase.steps:
         stage = get_stage(spec, step.stage, extras)
+        before = set(batch.column_names)
         try:
             batch = stage.apply(batch, states[step.stage]) if step.mode == "apply" else stage.process(batch)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"stage {step.name} (stages[{step.stage}]) fails on an empty batch, so its output "
                               f"columns are unknown: {type(e).__name__}: {e}") from e
+        new = [[f.name, str(f.type)] for f in batch.schema if f.name not in before]
+        if new:
+            added.setdefault(step.stage, []).extend(new)
     if phase.final:
         batch = _trainable(batch)
-    return batch.schema
+    return batch.schema, added
 
 
 def _trainable(batch: pa.Table) -> pa.Table:
@@ -166,6 +173,11 @@ class _Aligner:
         self.schema = schema
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        extra = [c for c in batch.column_names if self.schema.get_field_index(c) < 0]
+        if extra:  # silently casting them away would lose a stage's output
+            raise ConfigError(f"column(s) {', '.join(extra)} appear on real batches but not on the empty batch the "
+                              f"worker probes the phase's schema with: the stage that adds them must add them to "
+                              f"empty batches too")
         cols = []
         for f in self.schema:
             if f.name in batch.column_names:
@@ -222,7 +234,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         with fs.open(p, "rb") as f:
             in_schema = pq.read_schema(f)
         batches = _work_batches(src, rows_per_batch)
-    schema = _probe_schema(spec, phase, in_schema, states, extras)
+    schema, added = _probe_schema(spec, phase, in_schema, states, extras)
     align = _Aligner(schema)
 
     scan_stage = get_stage(spec, phase.scan, extras) if phase.scan is not None else None
@@ -292,6 +304,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         "errors": errors[:20],
         "error_count": len(errors),
         "source_errors": source_errors,
+        "columns": {str(k): v for k, v in added.items()},
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
     Ledger(out).commit(phase.step_name, name, summary, partial)

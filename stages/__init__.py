@@ -1,52 +1,72 @@
-"""Stage registry: job specs name stages; this maps each name to its class.
+"""Stage lookup: job specs name stages; this finds each name's class. There is no central
+list: a :class:`~pairsift.stages.base.Stage` subclass registers itself under its ``name`` when
+its module is imported (see ARCHITECTURE.md, "The stage contract").
 
-Entries are import paths so that reading a job spec does not import torch or OCR engines;
-a stage's module imports its heavy dependencies in ``setup()``. Later stages register here
-under the names the job spec uses (``clip_score``, ``parrot``, ``semdedup``,
-``concept_prune``, ``metaclip``, ``recaption``).
+A name is looked up in this order: stages already registered; pairsift's own stage modules
+(every module of this package, imported on first lookup: they import their heavy
+dependencies in ``setup()``, so this is cheap); stages other packages declare in the
+``pairsift.stages`` entry-point group (``myname = "mypkg.module:MyStage"``); and an import
+path written in the job spec itself (``mypkg.module:MyStage``).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.metadata
+import pkgutil
 
-REGISTRY: dict[str, str] = {
-    "quality": "pairsift.stages.quality:QualityStage",
-    "language": "pairsift.stages.language:LanguageStage",
-    "exact_dedup": "pairsift.stages.exact_dedup:ExactDedupStage",
-    "fault_injection": "pairsift.stages.faults:FaultInjectionStage",
-    "clip_score": "pairsift.stages.clip_score:ClipScoreStage",
-    "metaclip": "pairsift.stages.metaclip:MetaClipStage",
-    "semdedup": "pairsift.stages.semdedup:SemDedupStage",
-    "concept_prune": "pairsift.stages.concept_prune:ConceptPruneStage",
-    "parrot": "pairsift.stages.parrot:ParrotStage",
-    "recaption": "pairsift.stages.recaption:RecaptionStage",
-}
+_DISCOVERED = False
+ENTRY_POINT_GROUP = "pairsift.stages"
+
+
+def _discover() -> None:
+    """Import pairsift's own stage modules once, so that their stages register."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for info in pkgutil.iter_modules(__path__, __name__ + "."):
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # an optional dependency missing: its stages are unavailable
+            continue
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    try:
+        return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    except Exception:
+        return {}
 
 
 def stage_names() -> list[str]:
-    """Names of the stages whose modules are present."""
-    names = []
-    for name, target in REGISTRY.items():
-        if importlib.util.find_spec(target.partition(":")[0]) is not None:
-            names.append(name)
-    return sorted(names)
+    """Names of every stage available: pairsift's own and those other packages declare."""
+    from pairsift.stages.base import REGISTERED
+
+    _discover()
+    return sorted(set(REGISTERED) | set(_entry_points()))
 
 
 def get_stage_class(name: str):
-    """The stage class registered as ``name``, or named by an import path
-    (``package.module:Class``, for stages that live outside pairsift); KeyError if none."""
-    target = REGISTRY.get(name) or (name if ":" in name else None)
-    if target is None:
-        raise KeyError(name)
-    module, _, attr = target.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise KeyError(f"{name} ({e})") from None
-    from pairsift.stages.base import Stage
+    """The stage class registered as ``name``, declared by another package under that name,
+    or named by an import path (``package.module:Class``); KeyError if none."""
+    from pairsift.stages.base import REGISTERED, Stage
 
+    if name not in REGISTERED:
+        _discover()
+    cls = REGISTERED.get(name)
+    if cls is None:
+        ep = _entry_points().get(name)
+        target = ep.value if ep is not None else (name if ":" in name else None)
+        if target is None:
+            raise KeyError(name)
+        module, _, attr = target.partition(":")
+        try:
+            cls = importlib.import_module(module)
+            for part in attr.split("."):
+                cls = getattr(cls, part)
+        except (ImportError, AttributeError) as e:
+            raise KeyError(f"{name} ({e})") from None
     if not (isinstance(cls, type) and issubclass(cls, Stage)):
         raise KeyError(f"{name} is not a pairsift Stage")
     return cls

@@ -1,25 +1,68 @@
-"""Stage base classes (DESIGN.md, "shard in, shard out").
+"""Stage base classes: the stage contract (see ARCHITECTURE.md, "The stage contract").
 
 A **map stage** works on one batch at a time: ``setup()`` loads models once per worker and
 ``process(batch) -> batch`` adds columns and marks drops. A **global stage** needs the whole
 pool once: ``scan(batch) -> partial`` per shard (small), ``merge(partials) -> state`` on the
 driver, and ``apply(batch, state) -> batch``, a map stage again. The runner puts a barrier
 between scan and apply; nothing else is special. Stage code never imports Ray.
+
+A stage declares everything the engine needs, so the engine names no stage:
+
+* ``name`` and ``Config`` (a :class:`StageConfig`; ``class MyStage(Stage[MyConfig])`` sets it
+  and types ``self.config``). Defining the class registers it under ``name`` (no central list);
+  ``mypkg.module:MyStage`` in a job spec imports it, and the ``pairsift.stages`` entry-point
+  group names stages of other packages.
+* ``resources()`` — a :class:`Resources` (CPUs, GPUs per worker), checked at preflight.
+* ``scores`` — which added columns are scores (stats and report summarise them); by default
+  every numeric column the stage adds is one.
+* ``artifacts`` — folders it writes directly under the output (``--restart`` removes them),
+  and ``report_section`` — its part of ``report.html``.
+* ``caption_column`` — the column it writes that ``emit.caption_policy`` may put in the .txt.
+* For global stages, ``passes`` — its looks at the pool, by name.
 """
 
 from __future__ import annotations
 
+import logging
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger("pairsift")
 
 
 class StageConfig(BaseModel):
     """Base of every stage's config: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs (as NeMo Curator's ``Resources``): CPUs and GPUs,
+    fractions allowed (``gpus=0.25``: four workers share a GPU)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def ray_options(self) -> dict[str, float]:
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus}
+
+
+def as_resources(value: Any) -> Resources:
+    """A :class:`Resources` from what ``resources()`` returned (also the older
+    ``{"num_cpus", "num_gpus"}`` dict)."""
+    if isinstance(value, Resources):
+        return value
+    if isinstance(value, dict):
+        return Resources(cpus=float(value.get("num_cpus", 1.0)), gpus=float(value.get("num_gpus", 0.0)))
+    raise TypeError(f"resources() must return Resources, not {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -31,12 +74,47 @@ class StageContext:
     index: int = 0
     extras: dict = field(default_factory=dict)
 
+    @property
+    def cluster(self) -> dict[str, float]:
+        """What the job may use: ``{"CPU": n, "GPU": m}`` (empty before the executor starts)."""
+        return dict(self.extras.get("cluster") or {})
 
-class Stage:
-    """A map stage. Subclasses set ``name`` and ``Config`` and implement ``process``."""
+    @property
+    def granted(self) -> Resources | None:
+        """The resources this worker was granted (None on the driver)."""
+        r = self.extras.get("resources")
+        return as_resources(r) if r else None
+
+
+#: Registered stages by name: every Stage subclass with a ``name`` adds itself here.
+REGISTERED: dict[str, type] = {}
+
+
+def _register(cls: type) -> None:
+    old = REGISTERED.get(cls.name)
+    if old is None or (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__):
+        REGISTERED[cls.name] = cls
+        return
+    builtin = cls.__module__.startswith("pairsift.stages.")
+    if builtin and not old.__module__.startswith("pairsift.stages."):
+        log.warning("stage name %r of %s.%s is a built-in stage's name: the built-in wins", cls.name,
+                    old.__module__, old.__qualname__)
+        REGISTERED[cls.name] = cls
+    elif not builtin:
+        log.warning("stage name %r is taken by %s.%s; %s.%s is only reachable by its import path", cls.name,
+                    old.__module__, old.__qualname__, cls.__module__, cls.__qualname__)
+
+
+class Stage(Generic[ConfigT]):
+    """A map stage. Subclasses set ``name`` and ``Config`` (or subclass ``Stage[MyConfig]``)
+    and implement ``process``."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
+    config: ConfigT
+    #: Added columns that are scores (summarised by ``pairsift stats`` and the report). None:
+    #: every numeric column this stage adds.
+    scores: ClassVar[tuple[str, ...] | None] = None
     #: Resources one worker of this stage needs; the runner sizes its pools from them.
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
@@ -44,7 +122,16 @@ class Stage:
     #: e.g. ``("metaclip",)``): recorded in ``_work/job.json`` so that ``--restart`` removes them.
     artifacts: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: StageConfig, context: StageContext | None = None):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):  # class X(Stage[XConfig]) sets Config
+            args = typing.get_args(base)
+            if args and isinstance(args[0], type) and issubclass(args[0], StageConfig) and "Config" not in cls.__dict__:
+                cls.Config = args[0]
+        if cls.__dict__.get("name"):
+            _register(cls)
+
+    def __init__(self, config: ConfigT, context: StageContext | None = None):
         self.config = config
         self.context = context or StageContext()
 
@@ -64,9 +151,27 @@ class Stage:
         256 and at most 8192 rows. None: no preference."""
         return None
 
-    def resources(self) -> dict[str, float]:
-        """Ray resources one worker needs for this configuration (CPUs, GPUs)."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+    def resources(self) -> Resources:
+        """What one worker needs for this configuration (CPUs, GPUs); ``self.context.cluster``
+        says what the job has. Raise ConfigError for what cannot run there."""
+        return Resources(cpus=self.num_cpus, gpus=self.num_gpus)
+
+    @classmethod
+    def caption_column(cls, config: StageConfig) -> str | None:
+        """The column this configuration writes that ``emit.caption_policy`` may put in each
+        sample's .txt instead of the alt text (a recaption); None if it writes none."""
+        return None
+
+    @classmethod
+    def report_section(cls, output: str, manifest: dict) -> str | None:
+        """This stage's part of ``report.html`` (HTML, e.g. a chart of its artifact), or None."""
+        return None
+
+    @classmethod
+    def stats_section(cls, output: str, con: Any) -> list[str]:
+        """This stage's lines of ``pairsift stats`` beyond its score summaries; ``con`` is a
+        DuckDB connection with the ``samples`` and ``rejected`` views."""
+        return []
 
     def preflight(self) -> None:
         """Check what can be checked before any work starts (models present, files exist).
@@ -90,7 +195,7 @@ class Stage:
         return {}
 
 
-class GlobalStage(Stage):
+class GlobalStage(Stage[ConfigT]):
     """A stage that needs the whole pool: ``process`` (its map part, identity by default)
     runs with the stages before it, then ``scan`` per batch, ``combine`` per shard, ``merge``
     on the driver, and ``apply`` per batch. Override ``is_global`` where only some

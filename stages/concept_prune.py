@@ -172,6 +172,24 @@ def harder(d: np.ndarray, uids: np.ndarray, td: np.ndarray, tu: np.ndarray) -> n
 class ConceptPruneStage(ClusteringStage):
     name = "concept_prune"
     artifacts = ("concept_prune",)
+
+    @classmethod
+    def report_section(cls, output: str, manifest: dict) -> str | None:
+        """Budget and size per cluster, ordered by complexity (``concept_prune/clusters.parquet``)."""
+        import os
+
+        import pyarrow.parquet as pq
+
+        from pairsift.pipeline.report import svg_bars
+
+        path = os.path.join(output, "concept_prune", "clusters.parquet")
+        if not os.path.isfile(path):
+            return None
+        t = pq.read_table(path).to_pandas()
+        order = t.sort_values("complexity") if "complexity" in t else t
+        return ('<section id="clusters"><h2>Cluster budgets</h2>'
+                + svg_bars([str(i) for i in order.index], order["budget"].tolist(), "budget per cluster (by complexity)")
+                + svg_bars([str(i) for i in order.index], order["size"].tolist(), "size per cluster") + "</section>")
     Config = ConceptPruneConfig
 
     @classmethod

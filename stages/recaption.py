@@ -124,9 +124,45 @@ def make_backend(c: RecaptionConfig, seed: int = 0) -> Backend:
                        chat=c.chat, engine_args=c.engine_args, seed=seed)
 
 
+def recaption_summaries(con) -> list[tuple]:
+    """Per recaption column (``X`` with ``X_model`` and ``X_error``) of the kept samples: how
+    many were asked, recaptioned and failed, the commonest failure, and the mean words of the
+    alt text and of the recaption (the first one, for lists of rewrites)."""
+    types = {r[0]: r[1] for r in con.execute("DESCRIBE samples").fetchall()}
+    out = []
+    for model_col in sorted(c for c in types if c.endswith("_model")):
+        col = model_col[: -len("_model")]
+        if col not in types or f"{col}_error" not in types:
+            continue
+        text = f"{col}[1]" if types[col].endswith("[]") else col
+        row = con.execute(
+            f"SELECT count({model_col}), count({col}), count({col}_error), "
+            f"avg(len(string_split(caption, ' '))), avg(len(string_split({text}, ' '))) FROM samples"
+        ).fetchone()
+        top = con.execute(f"SELECT split_part({col}_error, ':', 1) AS kind, count(*) AS n FROM samples "
+                          f"WHERE {col}_error IS NOT NULL GROUP BY kind ORDER BY n DESC, kind LIMIT 1").fetchone()
+        out.append((col, row[0], row[1], row[2], f"{top[0]} ({top[1]:,})" if top else None, row[3], row[4]))
+    return out
+
+
+
 class RecaptionStage(Stage):
     name = "recaption"
     Config = RecaptionConfig
+
+    @classmethod
+    def caption_column(cls, config: RecaptionConfig) -> str | None:
+        return config.output_column  # emit.caption_policy may put it in the .txt
+
+    @classmethod
+    def stats_section(cls, output: str, con) -> list[str]:
+        from pairsift.pipeline.stats import format_table
+
+        rows = recaption_summaries(con)
+        if not rows:
+            return []
+        return ["", "recaptions (kept samples):",
+                format_table(["column", "asked", "recaptioned", "failed", "top failure", "words alt", "words new"], rows)]
 
     def __init__(self, config: RecaptionConfig, context=None):
         super().__init__(config, context)

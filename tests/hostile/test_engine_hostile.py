@@ -149,8 +149,8 @@ def test_resume_over_a_changed_input_set_is_refused(ray_session, tmp_path):
 
 def test_two_runs_on_one_output_the_second_is_refused(tmp_path):
     """Item 5: two `pairsift run` at once on the same output."""
-    write_pool(str(tmp_path / "pool"), shard_size=6)
-    stages = [{"quality": {}}, {"fault_injection": {"delay_s": 1.0}}, {"exact_dedup": {}}]
+    write_pool(str(tmp_path / "pool"), shard_size=4)
+    stages = [{"quality": {}}, {"fault_injection": {"delay_s": 2.0}}, {"exact_dedup": {}}]
     job = write_spec(tmp_path / "job.yaml", input={"format": "webdataset", "path": "pool"}, output="out",
                      stages=stages)
     env = {**os.environ, "PAIRSIFT_PROGRESS": "0"}

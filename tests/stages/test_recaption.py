@@ -29,7 +29,8 @@ from tiny_generators import build_causal_lm, build_llava, build_vit_gpt2
 
 from pairsift.pipeline.emit import CaptionPolicy
 from pairsift.pipeline.errors import ConfigError, JobError
-from pairsift.pipeline.stats import connect, recaption_summaries, stats_text
+from pairsift.pipeline.stats import connect, stats_text
+from pairsift.stages.recaption import recaption_summaries
 from pairsift.pipeline.table import BASE_SCHEMA
 from pairsift.stages.base import StageContext
 from pairsift.stages.llm import GenRequest, prompts as P
