@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pairsift.pipeline import storage
+from pairsift.pipeline import layout, storage
 
 
 class Ledger:
     def __init__(self, output: str):
-        self.root = storage.join(output, "_work", "ledger")
+        self.root = layout.ledger_dir(output)
 
     def _marker(self, step: str, name: str) -> str:
         return storage.join(self.root, step, f"{name}.json")
@@ -35,6 +35,3 @@ class Ledger:
 
     def partial(self, step: str, name: str) -> Any:
         return storage.read_pickle(self._partial(step, name))
-
-    def done_count(self, step: str) -> int:
-        return sum(1 for n in storage.list_dir(storage.join(self.root, step)) if n.endswith(".json"))

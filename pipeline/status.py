@@ -7,6 +7,7 @@ import json
 import os
 import socket
 
+from pairsift.pipeline import layout
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.storage import require_local
 
@@ -27,12 +28,12 @@ def _alive(pid: int) -> bool:
 def job_status(output: str) -> dict:
     """What the ledger says: per phase shards committed / total, and the job's state."""
     require_local(output, "status")
-    work = os.path.join(output, "_work")
-    if not os.path.isfile(os.path.join(work, "job.json")):
+    job_file, plan_file = layout.job_file(output), layout.plan_file(output)
+    if not os.path.isfile(job_file):
         raise ConfigError(f"{output} holds no pairsift job (no _work/job.json)")
-    job = _read(os.path.join(work, "job.json"))
-    plan = _read(os.path.join(work, "plan.json")) if os.path.isfile(os.path.join(work, "plan.json")) else {}
-    ledger = os.path.join(work, "ledger")
+    job = _read(job_file)
+    plan = _read(plan_file) if os.path.isfile(plan_file) else {}
+    ledger = layout.ledger_dir(output)
     steps = []
     for ph in plan.get("phases", []):
         folder = os.path.join(ledger, ph["step"])
@@ -41,8 +42,8 @@ def job_status(output: str) -> dict:
     emit_dir = os.path.join(ledger, "emit")
     emit_done = len([f for f in os.listdir(emit_dir) if f.endswith(".json")]) if os.path.isdir(emit_dir) else 0
     steps.append({"step": "emit", "label": "emit", "done": emit_done, "total": plan.get("emit_tasks")})
-    manifest = os.path.join(output, "manifest.json")
-    driver = os.path.join(work, "driver.json")
+    manifest = layout.manifest_file(output)
+    driver = layout.driver_file(output)
     if os.path.isfile(manifest) and _read(manifest).get("fingerprint") == job.get("fingerprint"):
         state = "complete"
     elif os.path.isfile(driver):

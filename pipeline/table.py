@@ -28,9 +28,6 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 
-#: Columns that never leave the work area as metadata (pixels travel only in the tars).
-BINARY_COLUMNS = ("image",)
-
 
 def make_uid(source_rel: str, key: str, repeat: int = 0) -> str:
     """Stable 128-bit hex id of a sample: hash of its source path (relative to the input
@@ -107,11 +104,3 @@ def mark_dropped(batch: pa.Table, reasons: list[str | None], stage: str) -> pa.T
         kept = pc.if_else(pa.array([not n for n in newly]), image, pa.scalar(None, image.type))
         batch = set_column(batch, "image", kept)
     return batch
-
-
-def concat(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate batches whose schemas may differ in the columns later stages added."""
-    tables = [t for t in tables if t is not None]
-    if not tables:
-        return BASE_SCHEMA.empty_table()
-    return pa.concat_tables(tables, promote_options="permissive")
