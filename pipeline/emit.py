@@ -76,7 +76,7 @@ class CaptionPolicy:
     without a recaption (its generation failed) keeps its original caption."""
 
     policy: str = "original"
-    p_original: float = 0.5
+    p_original: float = 0.8
     seed: int = 0
     column: str = "recaption"
 

@@ -91,7 +91,7 @@ class EmitSpec(_Strict):
     #: What each sample's .txt holds: the original caption, the ``recaption`` column, or a
     #: per-sample mix (the original with probability ``p_original``, by hash(seed, uid)).
     caption_policy: Literal["original", "recaption", "mix"] = "original"
-    p_original: float = Field(0.5, ge=0.0, le=1.0)
+    p_original: float = Field(0.8, ge=0.0, le=1.0)  # Recap-CLIP's best mix: 80% alt text
 
 
 class StageSpec(BaseModel):
