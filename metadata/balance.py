@@ -5,6 +5,12 @@ probability ``p_e = 1`` if ``count_e < t`` else ``t / count_e``; a caption is ke
 probability ``1 - prod(1 - p_e)`` over the entries it matches (0 if none). ``t`` can be
 chosen from a tail share (the share of all matches held by entries below ``t``); MetaCLIP 2
 transfers English ``t`` to every language through that share.
+
+:data:`PAPER_TAIL_SHARE` is the tail share MetaCLIP's own setting implies: at ``t = 20,000``
+on its 1.6B-pair pool (400M curated) about 16k of the 500k entries are head entries, holding
+5.35B of the pool's 5.67B matches (paper, Sec. 3.4; the released ``entry_counts_400m.json``
+agrees), so the tail holds (5.67 - 5.35) / 5.67 = 5.64% of all matches. Deriving ``t`` from
+this share balances a pool of any size the way ``t = 20k`` balanced 1.6B pairs.
 """
 
 from __future__ import annotations
@@ -12,6 +18,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+
+#: Share of all matches held by tail entries (count < t) in MetaCLIP 1's 400M setting:
+#: t = 20k on the 1.6B pool, 16k head entries with 5.35B of 5.67B matches.
+PAPER_TAIL_SHARE = round((5.67 - 5.35) / 5.67, 4)  # 0.0564
+#: MetaCLIP 1's t for its 400M set (pool of 1.6B pairs); 170k for 2.5B (MetaCLIP 2's t_en).
+PAPER_T = 20_000
 
 
 def t_to_p(counts: np.ndarray, t: float) -> float:

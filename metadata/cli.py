@@ -1,7 +1,8 @@
 """``pairsift metadata build`` and ``pairsift metaclip match``.
 
-    pairsift metadata build --out FILE [--lang en] [--min-zipf 1.5] [--corpus FILE ...]
-                            [--corpus-column caption] [--min-pmi 30] [--titles FILE] [--manifest FILE]
+    pairsift metadata build --out FILE [--lang en] [--min-zipf 1.5] [--capitalised-min-zipf 3]
+                            [--scowl FILE | --no-scowl] [--corpus FILE ...] [--corpus-column caption]
+                            [--min-pmi 30] [--titles FILE] [--max-entries 500000] [--manifest FILE]
     pairsift metaclip match --metadata M.json --input IN.parquet --text-column COL --output OUT.parquet
                             [--worldwide]
 """
@@ -18,7 +19,11 @@ def _cmd_build(args) -> int:
     from pairsift.metadata.load import write_metadata
 
     opts = BuildOptions(lang=args.lang, wordnet=not args.no_wordnet, wordnet_dir=args.wordnet_dir,
+                        wordnet_lemmas=not args.no_wordnet_lemmas,
                         min_zipf=args.min_zipf, max_unigrams=args.max_unigrams or None,
+                        capitalised_min_zipf=args.capitalised_min_zipf,
+                        scowl=None if args.no_scowl else args.scowl, scowl_min_zipf=args.scowl_min_zipf,
+                        max_entries=args.max_entries or None,
                         corpus=list(args.corpus or []), corpus_column=args.corpus_column,
                         min_pmi=args.min_pmi, min_bigram_count=args.min_bigram_count,
                         max_bigrams=args.max_bigrams or None, titles=args.titles,
@@ -55,7 +60,7 @@ def _cmd_match(args) -> int:
         raise ConfigError(f"--text-column: {args.input} has no column {args.text_column!r} "
                           f"(columns: {', '.join(pf.schema_arrow.names)})")
     t0 = time.perf_counter()
-    matcher = Matcher(entries, no_space_rule=args.worldwide)
+    matcher = Matcher(entries, no_space_rule=args.worldwide, strip=args.worldwide)
     t_build = time.perf_counter() - t0
     rows = matched = 0
     t0 = time.perf_counter()
@@ -83,19 +88,30 @@ def _cmd_match(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from pairsift.metadata.build import WORDNET_DIR
+    from pairsift.metadata.build import SCOWL_LIST, WORDNET_DIR
 
-    md = sub.add_parser("metadata", help="build MetaCLIP-style metadata (WordNet, wordfreq, PMI bigrams)")
+    md = sub.add_parser("metadata", help="build MetaCLIP-style metadata (WordNet, wordfreq, SCOWL, PMI bigrams)")
     msub = md.add_subparsers(dest="metadata_command", required=True)
     b = msub.add_parser("build", help="build a metadata list (JSON, or .json.gz)")
     b.add_argument("--out", required=True, help="output file (.json or .json.gz)")
     b.add_argument("--lang", default="en", help="language (wordfreq code; WordNet for en only)")
     b.add_argument("--no-wordnet", action="store_true", help="leave WordNet synset names out")
     b.add_argument("--wordnet-dir", default=WORDNET_DIR, help="WordNet 3.0 database files (Debian wordnet-base)")
+    b.add_argument("--no-wordnet-lemmas", action="store_true", help="only synset names from WordNet (MetaCLIP's "
+                   "rule), not the case-keeping lemma names")
     b.add_argument("--min-zipf", type=float, default=1.5,
                    help="unigram cut-off on wordfreq's Zipf scale (log10 per billion words; 1.5 ~ 100 "
                         "occurrences in English Wikipedia, MetaCLIP's cut-off)")
     b.add_argument("--max-unigrams", type=int, default=251_465, help="at most this many unigrams (0: no cap)")
+    b.add_argument("--capitalised-min-zipf", type=float, default=None,
+                   help="add capitalised copies of the unigrams with at least this Zipf frequency "
+                        "(default 3.0 for en, none for other languages; 0: none)")
+    b.add_argument("--scowl", default=SCOWL_LIST, help="SCOWL word list, case kept (English; Debian wamerican-insane)")
+    b.add_argument("--no-scowl", action="store_true", help="leave the SCOWL words out")
+    b.add_argument("--scowl-min-zipf", type=float, default=1.0,
+                   help="keep SCOWL words whose lower-case form has at least this wordfreq Zipf frequency")
+    b.add_argument("--max-entries", type=int, default=500_000, help="at most this many entries in all "
+                   "(MetaCLIP: 500,000; 0: no cap)")
     b.add_argument("--corpus", action="append", help="text corpus for PMI bigrams (.parquet, .txt, .tsv); repeatable")
     b.add_argument("--corpus-column", help="text column of Parquet corpora (default: caption)")
     b.add_argument("--min-pmi", type=float, default=30.0, help="bigram log2 PMI cut-off (MetaCLIP: 30 on Wikipedia)")
@@ -113,6 +129,6 @@ def add_commands(sub) -> None:
     m.add_argument("--input", required=True, help="input Parquet file")
     m.add_argument("--text-column", required=True, help="column holding the captions")
     m.add_argument("--output", required=True, help="output Parquet file (input rows + metaclip_entries)")
-    m.add_argument("--worldwide", action="store_true", help="MetaCLIP 2 entry padding (no-space scripts)")
+    m.add_argument("--worldwide", action="store_true", help="MetaCLIP 2 matching: entry padding for no-space scripts, captions stripped")
     m.add_argument("--batch-size", type=int, default=8192, help="rows per matching call")
     m.set_defaults(func=_cmd_match)

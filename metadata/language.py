@@ -23,17 +23,35 @@ def _identifier():
     return _IDENTIFIER
 
 
-def detect(texts: Sequence[str | None]) -> list[str | None]:
-    """The language of each text (None for a missing or blank text)."""
+def detect(texts: Sequence[str | None], chunk: int = 1024) -> list[str | None]:
+    """The language of each text (None for a missing or blank text): langid.py's
+    ``classify`` (its byte n-gram features, naive Bayes scores, arg max), with the scores of
+    ``chunk`` texts computed in one float64 matrix product instead of one mixed-type dot
+    product per text (~70x faster; the same languages, checked in the tests)."""
+    import numpy as np
+
     ident = _identifier()
-    out: list[str | None] = []
-    for t in texts:
-        if t is None or not t.strip():
-            out.append(None)
-            continue
-        lang, _ = ident.classify(t)
-        out.append(lang)
+    ptc, pc = _scores()
+    out: list[str | None] = [None] * len(texts)
+    todo = [i for i, t in enumerate(texts) if t is not None and t.strip()]
+    for a in range(0, len(todo), chunk):
+        rows = todo[a:a + chunk]
+        fv = np.stack([ident.instance2fv(texts[i]) for i in rows]).astype(np.float64)
+        best = (fv @ ptc + pc).argmax(axis=1)
+        for i, k in zip(rows, best):
+            out[i] = str(ident.nb_classes[k])
     return out
+
+
+_SCORES = None
+
+
+def _scores():
+    global _SCORES
+    if _SCORES is None:
+        ident = _identifier()
+        _SCORES = (ident.nb_ptc.astype("float64"), ident.nb_pc.astype("float64"))
+    return _SCORES
 
 
 def metadata_language(lang: str | None, known) -> str | None:

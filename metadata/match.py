@@ -6,7 +6,8 @@ spacing: the caption padded with one space on each side, each of ``, . ; : ? ! `
 spaces, and tab, newline and carriage return turned into spaces. A caption matches an entry at
 most once. MetaCLIP 2 ("A Worldwide Scaling Recipe", 2025) pads a side of an entry only where
 its boundary character is not CJK, Thai, Lao, Burmese, Khmer or Tibetan script or punctuation,
-so entries of languages written without spaces match inside words.
+so entries of languages written without spaces match inside words, and strips the caption
+(``str.strip``) before spacing it (``metaclip/curation/curate.py``: ``txt = txt.strip()``).
 
 How it is fast: every padded entry starts and ends at a space of the spaced caption, so
 ``" e "`` occurs in it exactly when ``e`` equals a run of consecutive tokens of
@@ -74,13 +75,15 @@ def pad_entry(entry: str, no_space_rule: bool = False) -> str:
     return f"{left}{entry}{right}"
 
 
-def brute_force_match(texts: Iterable[str], entries: Sequence[str], no_space_rule: bool = False) -> list[list[int]]:
+def brute_force_match(texts: Iterable[str], entries: Sequence[str], no_space_rule: bool = False,
+                      strip: bool = False) -> list[list[int]]:
     """The rule written out literally: ids of the entries whose padded form occurs in the
-    spaced caption, ascending. Quadratic; for tests and small inputs."""
+    spaced caption (stripped first with ``strip``), ascending. Quadratic; for tests and small
+    inputs."""
     padded = [pad_entry(e, no_space_rule) for e in entries]
     out = []
     for text in texts:
-        spaced = spacing(text or "")
+        spaced = spacing((text or "").strip() if strip else (text or ""))
         out.append([i for i, p in enumerate(padded) if p in spaced])
     return out
 
@@ -233,11 +236,13 @@ class Matcher:
 
     ``entries``: the metadata list (ids are positions in it; duplicates allowed, each id
     matches). ``no_space_rule``: MetaCLIP 2's entry padding (see :func:`pad_entry`).
+    ``strip``: strip each caption first (MetaCLIP 2's curation does).
     """
 
-    def __init__(self, entries: Sequence[str], no_space_rule: bool = False):
+    def __init__(self, entries: Sequence[str], no_space_rule: bool = False, strip: bool = False):
         self.entries = list(entries)
         self.no_space_rule = no_space_rule
+        self.strip = strip
         self.size = len(self.entries)
         self.sep, self.sub = _spare_chars(self.entries)
         # Keys: every entry padded on both sides, and every run of its first tokens.
@@ -293,7 +298,7 @@ class Matcher:
         n = len(texts)
         if n == 0:
             return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32)
-        texts = ["" if t is None else t for t in texts]
+        texts = ["" if t is None else (t.strip() if self.strip else t) for t in texts]
         sep = self.sep
         joiner = f" {sep} "
         big = joiner.join(texts)

@@ -1,21 +1,34 @@
 """Stage ``metaclip``: MetaCLIP's metadata matching and count balancing.
 
 "Demystifying CLIP Data" (MetaCLIP, Xu et al. 2023); worldwide mode from "MetaCLIP 2: A
-Worldwide Scaling Recipe" (2025). Rule: each live caption is matched against the metadata
-list (an entry matches when the space-padded entry is a case-sensitive substring of the
-caption after MetaCLIP's punctuation spacing, once per caption; see
+Worldwide Scaling Recipe" (Chuang et al. 2025) and its reference code
+(facebookresearch/MetaCLIP ``metaclip/curation``). Rule: each live caption is matched against
+the metadata list (an entry matches when the space-padded entry is a case-sensitive substring
+of the caption after MetaCLIP's punctuation spacing, once per caption; see
 :mod:`pairsift.metadata.match`), giving ``metaclip_entries`` (ids, ascending). Over the whole
-pool each entry's count is the number of live captions matching it; with threshold ``t``
-(given, or derived from ``tail_share``: the ``t`` below which entries hold that share of all
-matches) an entry gets ``p_e = 1`` if ``count_e < t`` else ``t / count_e``, and a caption is
-kept with probability ``metaclip_p = 1 - prod(1 - p_e)`` over its entries (0 when it matches
-none), decided by a uniform draw from hash(seed, uid). Dropped rows get reason ``metaclip``.
-Worldwide (``worldwide: true``): each caption's language is identified offline (langid.py)
-and matched against that language's metadata with MetaCLIP 2's entry padding (no padding
-beside no-space scripts and punctuation), counts are per language, and each language's ``t``
-is the one whose tail share equals English's (``metaclip_lang`` says which list the ids
-index). ``OUT/metaclip/entry_counts.parquet`` (language, entry_id, entry, count, p, t) keeps
-the head/tail distribution for DuckDB.
+pool each entry's count is the number of live captions matching it; with threshold ``t`` an
+entry gets ``p_e = 1`` if ``count_e < t`` else ``t / count_e``, and a caption is kept with
+probability ``metaclip_p = 1 - prod(1 - p_e)`` over its entries (0 when it matches none),
+decided by a uniform draw from hash(seed, uid). Dropped rows get reason ``metaclip``.
+
+``t``: given, or derived from ``tail_share`` (the ``t`` at which tail entries, count < t, hold
+that share of all matches; MetaCLIP 2's ``p_to_t``). With neither, the default is the paper's
+tail share, :data:`~pairsift.metadata.balance.PAPER_TAIL_SHARE` = 5.64% (``t = 20k`` on
+MetaCLIP's 1.6B-pair pool: 16k head entries hold 5.35B of 5.67B matches), so that a pool of
+any size is balanced as MetaCLIP balanced its 400M set; a fixed ``t = 20000`` leaves a pool
+under ~100M pairs nearly unbalanced.
+
+Worldwide (``worldwide: true``, MetaCLIP 2): each caption's language is identified offline
+(langid.py); the caption is stripped (``str.strip``, as MetaCLIP 2's curation does) and
+matched against its language's list with MetaCLIP 2's entry padding (no padding beside
+no-space scripts and punctuation). A caption in a language without a list goes to the
+``other`` bucket, as MetaCLIP 2 maps every LID code without metadata to ``other``: matched
+against ``other_metadata`` (the English list by default), counted apart, with its own ``t``.
+Counts are per language; English ``t`` (given, or from the tail share) fixes the tail share
+``p = t_to_p(counts_en, t_en)`` and every other language, ``other`` included, gets
+``t = p_to_t(counts_lang, p)`` (MetaCLIP 2's ``global_count``). ``metaclip_lang`` says which
+list the ids index. ``OUT/metaclip/entry_counts.parquet`` (language, entry_id, entry, count,
+p, t) keeps the head/tail distribution for DuckDB.
 
 A global stage: ``process`` matches (map part), ``scan`` counts per shard (sparse: matched
 ids only), ``merge`` sums the counts into one vector per language and derives ``t`` and the
@@ -38,6 +51,8 @@ from pairsift.stages.base import GlobalStage, StageConfig
 
 #: Language key of the single list in MetaCLIP 1 mode (written as null).
 SINGLE = "*"
+#: Worldwide: the bucket of captions in a language without a list (MetaCLIP 2's ``other``).
+OTHER = "other"
 ENTRIES_TYPE = pa.list_(pa.int32())
 
 
@@ -46,14 +61,17 @@ class MetaClipConfig(StageConfig):
     #: .json.gz; relative paths are relative to the working directory). Worldwide: a folder
     #: of ``<lang>.json[.gz]``, ``shipped``, or a mapping language -> source.
     metadata: str | dict[str, str] = "en"
-    #: Head/tail threshold (MetaCLIP: 20,000 for 400M pairs, 170,000 for 2.5B).
+    #: Head/tail threshold (MetaCLIP: 20,000 for its 1.6B-pair pool -> 400M; 170,000 for
+    #: 2.5B). Worldwide: English ``t``, transferred to the other languages by tail share.
     t: int | None = Field(None, ge=1)
     #: Instead of ``t``: the share of all matches the tail entries (count < t) should hold.
+    #: Neither given: the paper's share, 0.0564 (t = 20k at MetaCLIP's 400M setting).
     tail_share: float | None = Field(None, gt=0, lt=1)
     worldwide: bool = False
-    #: Worldwide: captions in a language without metadata are matched with this language's
-    #: list (null: they match nothing and are dropped).
-    fallback_language: str | None = "en"
+    #: Worldwide: the list that captions in a language without one are matched against, in
+    #: their own ``other`` bucket (own counts, own t). A shipped language code or a file;
+    #: null: such captions match nothing and are dropped.
+    other_metadata: str | None = "en"
     caption_column: str = "caption"
 
     @model_validator(mode="after")
@@ -62,18 +80,80 @@ class MetaClipConfig(StageConfig):
             raise ValueError("give either t or tail_share, not both")
         if isinstance(self.metadata, dict) and not self.worldwide:
             raise ValueError("metadata: a mapping of languages needs worldwide: true")
+        if isinstance(self.metadata, dict) and OTHER in self.metadata:
+            raise ValueError(f"metadata: {OTHER!r} is the bucket of languages without a list; "
+                             f"set other_metadata instead")
         return self
 
     @property
-    def threshold(self) -> int | None:
-        """``t``, defaulting to MetaCLIP's 20,000 when neither option is given."""
-        if self.t is None and self.tail_share is None:
-            return 20_000
-        return self.t
+    def share(self) -> float | None:
+        """The tail share t is derived from: ``tail_share``, the paper's when neither option
+        is given, None when ``t`` is given."""
+        from pairsift.metadata.balance import PAPER_TAIL_SHARE
+
+        if self.tail_share is not None:
+            return self.tail_share
+        return PAPER_TAIL_SHARE if self.t is None else None
 
 
 class MetaClipStage(GlobalStage):
     name = "metaclip"
+    artifacts = ("metaclip",)
+
+    @classmethod
+    def stats_section(cls, output: str, con) -> list[str]:
+        """Head/tail of MetaCLIP entry counts before and after balancing, when the job ran the
+        ``metaclip`` stage (``OUT/metaclip/entry_counts.parquet``)."""
+        import os
+
+        from pairsift.pipeline.stats import format_table
+
+        path = os.path.join(output, "metaclip", "entry_counts.parquet")
+        if not os.path.isfile(path):
+            return []
+        cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+        if "metaclip_entries" not in cols:
+            return []
+        lang = "metaclip_lang" if "metaclip_lang" in cols else "NULL::VARCHAR"
+        src = "'" + path.replace("'", "''") + "'"
+        con.execute(f"""CREATE OR REPLACE TEMP VIEW metaclip_counts AS
+            WITH k AS (SELECT {lang} AS language, unnest(metaclip_entries) AS entry_id FROM samples),
+                 kc AS (SELECT language, entry_id, count(*) AS kept FROM k GROUP BY ALL)
+            SELECT e.*, coalesce(kc.kept, 0) AS kept FROM read_parquet({src}) e LEFT JOIN kc
+            ON e.entry_id = kc.entry_id AND e.language IS NOT DISTINCT FROM kc.language""")
+        per_lang = con.execute("""
+            SELECT coalesce(language, 'all'), any_value(t), count(*), count(*) FILTER (WHERE count > 0),
+                   count(*) FILTER (WHERE count >= t), sum(count), sum(count) FILTER (WHERE count < t) / sum(count),
+                   sum(kept), max(kept) FILTER (WHERE count >= t)
+            FROM metaclip_counts GROUP BY 1 ORDER BY sum(count) DESC""").fetchall()
+        top = con.execute("""SELECT coalesce(language, 'all'), entry, count, p, kept FROM metaclip_counts
+                             ORDER BY count DESC, entry LIMIT 10""").fetchall()
+        return ["", "MetaCLIP entry counts (metaclip/entry_counts.parquet; kept = matches among kept samples):",
+                format_table(["language", "t", "entries", "matched", "head entries", "matches", "tail share",
+                              "kept matches", "max kept (head)"], per_lang),
+                "", "most matched entries:", format_table(["language", "entry", "count", "p", "kept"], top)]
+
+    @classmethod
+    def report_section(cls, output: str, manifest: dict) -> str | None:
+        """Entry counts before balancing and expected counts after (``metaclip/entry_counts.parquet``)."""
+        import os
+
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from pairsift.pipeline.report import svg_histogram
+
+        path = os.path.join(output, "metaclip", "entry_counts.parquet")
+        if not os.path.isfile(path):
+            return None
+        t = pq.read_table(path).to_pandas()
+        t = t[t["count"] > 0]
+        before = np.log10(t["count"].to_numpy(dtype=float))
+        after_vals = (t["count"] * t["p"]).to_numpy(dtype=float)
+        after = np.log10(after_vals[after_vals > 0])
+        return ('<section id="metaclip"><h2>MetaCLIP entry counts</h2><div class="charts">'
+                + svg_histogram(before, "log10 matches per entry, before")
+                + svg_histogram(after, "log10 expected matches per entry, after") + "</div></section>")
     Config = MetaClipConfig
 
     def __init__(self, config, context=None):
@@ -91,6 +171,8 @@ class MetaClipStage(GlobalStage):
             c: MetaClipConfig = self.config
             if c.worldwide:
                 self._files = dict(resolve_languages(c.metadata))
+                if c.other_metadata is not None:
+                    self._files[OTHER] = resolve(c.other_metadata, "other_metadata")
             else:
                 self._files = {SINGLE: resolve(c.metadata)}
         return self._files
@@ -98,13 +180,9 @@ class MetaClipStage(GlobalStage):
     def preflight(self) -> None:
         c: MetaClipConfig = self.config
         files = self.files()
-        if c.worldwide:
-            if c.fallback_language is not None and c.fallback_language not in files:
-                raise ConfigError(f"fallback_language: no metadata for {c.fallback_language!r} "
-                                  f"(have: {', '.join(sorted(files))})")
-            if c.tail_share is None and "en" not in files:
-                raise ConfigError("t: worldwide mode transfers English t to other languages and needs "
-                                  "English metadata ('en'); give tail_share instead")
+        if c.worldwide and c.share is None and "en" not in files:
+            raise ConfigError("t: worldwide mode transfers English t to other languages and needs "
+                              "English metadata ('en'); give tail_share instead")
         for lang in files:
             entries = self.entries(lang)
             if not entries:
@@ -121,7 +199,8 @@ class MetaClipStage(GlobalStage):
         if lang not in self._matchers:
             from pairsift.metadata.match import Matcher
 
-            self._matchers[lang] = Matcher(self.entries(lang), no_space_rule=self.config.worldwide)
+            worldwide = self.config.worldwide
+            self._matchers[lang] = Matcher(self.entries(lang), no_space_rule=worldwide, strip=worldwide)
         return self._matchers[lang]
 
     def batch_rows(self) -> int:
@@ -133,8 +212,8 @@ class MetaClipStage(GlobalStage):
 
     def summary(self) -> dict:
         c: MetaClipConfig = self.config
-        return {"metadata": {k: str(v) for k, v in self.files().items()}, "t": c.threshold,
-                "tail_share": c.tail_share, "worldwide": c.worldwide}
+        return {"metadata": {k: str(v) for k, v in self.files().items()}, "t": c.t,
+                "tail_share": c.share, "worldwide": c.worldwide}
 
     # -- map part: matching -------------------------------------------------------------------
     def process(self, batch: pa.Table) -> pa.Table:
@@ -149,9 +228,10 @@ class MetaClipStage(GlobalStage):
         if c.worldwide:
             from pairsift.metadata.language import detect, metadata_language
 
-            known = self.files()
+            known = {k for k in self.files() if k != OTHER}
+            other = OTHER if c.other_metadata is not None else None
             for i, lang in zip(rows, detect([texts[i] for i in rows])):
-                langs[i] = metadata_language(lang, known) or c.fallback_language
+                langs[i] = metadata_language(lang, known) or other
         else:
             for i in rows:
                 langs[i] = SINGLE
@@ -216,22 +296,23 @@ class MetaClipStage(GlobalStage):
             for lang, (ids, n) in (part or {}).items():
                 np.add.at(counts[lang], ids, n)
         ts: dict[str, int] = {}
-        share = None
+        share = c.share
         if not c.worldwide:
-            ts[SINGLE] = c.threshold if c.tail_share is None else p_to_t(counts[SINGLE], c.tail_share)
+            ts[SINGLE] = c.t if share is None else p_to_t(counts[SINGLE], share)
             share = t_to_p(counts[SINGLE], ts[SINGLE])
         else:
-            if c.tail_share is not None:
-                share = c.tail_share
-                t_en = p_to_t(counts["en"], share) if "en" in counts else None
-            else:
-                t_en = c.threshold
+            # MetaCLIP 2's global_count: English t fixes the tail share p; every other
+            # language (and the ``other`` bucket) gets the t at which its tail holds p.
+            if share is None:
+                t_en = int(c.t)
                 share = t_to_p(counts["en"], t_en) if counts["en"].sum() > 0 else None
+            else:
+                t_en = p_to_t(counts["en"], share) if "en" in counts else None
             for lang, cnt in counts.items():
                 if lang == "en" and t_en is not None:
                     ts[lang] = int(t_en)
-                elif share is None:  # no English match to take the share from
-                    ts[lang] = int(c.threshold)
+                elif share is None:  # t given, but no English match to take the share from
+                    ts[lang] = int(c.t)
                 else:
                     ts[lang] = p_to_t(cnt, share)
         probs = {lang: entry_probs(counts[lang], ts[lang]) for lang in counts}
@@ -253,7 +334,7 @@ class MetaClipStage(GlobalStage):
                 offsets = offsets - offsets[0]
                 ids = pc.list_flatten(sub).to_numpy(zero_copy_only=False).astype(np.int64)
                 p[rows] = accept_probs(offsets, ids, state["probs"][lang])
-            # rows without a language (worldwide, no fallback) match nothing: p = 0
+            # rows without a language (worldwide, other_metadata: null) match nothing: p = 0
             p[np.flatnonzero(live & np.isnan(p))] = 0.0
             live_rows = np.flatnonzero(live)
             uids = batch.column("uid").to_pylist()
@@ -273,6 +354,8 @@ class MetaClipStage(GlobalStage):
         """Write ``OUT/metaclip/entry_counts.parquet``; manifest facts per language."""
         import pyarrow.parquet as pq
 
+        from pairsift.metadata.balance import t_to_p
+
         tables, facts = [], {}
         for lang in sorted(state["counts"]):
             counts, probs, t = state["counts"][lang], state["probs"][lang], state["t"][lang]
@@ -290,7 +373,8 @@ class MetaClipStage(GlobalStage):
             }))
             facts[label or "all"] = {"t": int(t), "matches": int(counts.sum()),
                                      "entries_matched": int((counts > 0).sum()),
-                                     "head_entries": int((counts >= t).sum())}
+                                     "head_entries": int((counts >= t).sum()),
+                                     "tail_share": round(t_to_p(counts, t), 6)}
         path = storage.join(output, "metaclip", "entry_counts.parquet")
         table = pa.concat_tables(tables) if tables else pa.table(
             {"language": pa.array([], pa.string()), "entry_id": pa.array([], pa.int32()),

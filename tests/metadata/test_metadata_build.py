@@ -1,5 +1,7 @@
-"""Metadata builder: WordNet via NLTK from Debian's files, wordfreq unigrams, PMI bigrams,
-titles, the MetaCLIP build order, and the lists pairsift ships."""
+"""Metadata builder: WordNet via NLTK from Debian's files (synset names, case-keeping lemma
+names), wordfreq unigrams and their capitalised copies, SCOWL words, PMI bigrams, titles, the
+MetaCLIP build order, and the lists pairsift ships (the English one rebuilt from the builder,
+and its coverage of real English alt texts)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import os
 import pytest
 
 from conftest import REPO, SHARED
-from pairsift.metadata.build import (LEXNAMES, WORDNET_DIR, BuildOptions, build_metadata, lexnames_text,
-                                     pmi_bigrams, read_titles, wordfreq_unigrams, wordnet_heads)
+from pairsift.metadata.build import (LEXNAMES, SCOWL_LIST, WORDNET_DIR, BuildOptions, build_metadata,
+                                     capitalised_unigrams, lexnames_text, pmi_bigrams, read_titles, scowl_words,
+                                     wordfreq_unigrams, wordnet_heads, wordnet_lemma_names)
 from pairsift.metadata.load import load_metadata, resolve, resolve_languages, shipped_languages, write_metadata
 from pairsift.pipeline.errors import ConfigError
 
@@ -80,13 +83,68 @@ def test_pmi_bigrams():
     assert pmi_bigrams(["狗 很 可爱"] * 5, min_pmi=-100, min_count=1, join="")[0][0] in ("狗很", "很可爱")
 
 
+@pytest.fixture(scope="module")
+def synsets():
+    from pairsift.metadata.build import _wordnet_synsets
+
+    if not os.path.isfile(os.path.join(WORDNET_DIR, "data.noun")):
+        pytest.skip("Debian wordnet-base is not installed (.ci/run installs it)")
+    return _wordnet_synsets()
+
+
+def test_wordnet_lemma_names_keep_case(synsets, heads):
+    names = wordnet_lemma_names(synsets=synsets)
+    assert names == sorted(set(names)) and "" not in names
+    for n in ("New York", "Einstein", "Guyana", "South America", "hot dog", "dog", "Dalmatian"):
+        assert n in names, n
+    assert "new york" not in names and "new york" in heads  # the synset name is lower-case
+    assert sum(n != n.lower() for n in names) > 30_000
+    assert set(heads) - set(names) and len(set(names) - set(heads)) > 60_000
+
+
+def test_capitalised_unigrams():
+    caps = capitalised_unigrams("en", 4.0)
+    lower = wordfreq_unigrams("en", 4.0)
+    assert caps[:3] == ["The", "To", "And"] and "Chicken" in caps and "Dark" in caps
+    assert all(c[0].isupper() and c[0].lower() + c[1:] in lower for c in caps)
+    assert len(caps) == sum(1 for w in lower if w[:1].upper() + w[1:] != w)
+    zh = capitalised_unigrams("zh", 4.0)  # Chinese has no case: only the Latin-script words get copies
+    assert 0 < len(zh) < 0.05 * len(wordfreq_unigrams("zh", 4.0)) and all(c[0] != c[0].lower() for c in zh)
+
+
+@pytest.fixture(scope="module")
+def scowl():
+    if not os.path.isfile(SCOWL_LIST):
+        pytest.skip("Debian wamerican-insane is not installed (.ci/run installs it)")
+    return scowl_words()
+
+
+def test_scowl_words_keep_case_by_frequency(scowl):
+    from wordfreq import word_frequency
+
+    for w in ("Guyana", "Atlanta", "Pratchett", "Spurgeon", "dragonfly", "iPad"):
+        assert w in scowl, w
+    freqs = [word_frequency(w.lower(), "en", wordlist="large") for w in scowl[:2000]]
+    assert freqs == sorted(freqs, reverse=True) and min(freqs) > 0
+    assert not any(ch.isdigit() or ch in ",.;:?!`" for w in scowl for ch in w)
+    with pytest.raises(ConfigError, match="wamerican-insane"):
+        scowl_words("/nonexistent/american-english-insane")
+
+
+def test_max_entries_caps_the_list():
+    entries, report = build_metadata(BuildOptions(lang="en", wordnet=False, scowl=None, min_zipf=5.5,
+                                                  max_entries=1000))
+    assert len(entries) == 1000 == report["entries"] and sum(report["counts"].values()) == 1000
+    assert report["counts"]["capitalised"] > 0 and entries[100] == "the"
+
+
 def test_build_order_dedup_and_report(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["a teddy bear on the bed", "teddy bear and a dog", "my teddy bear"] * 4))
     titles = tmp_path / "titles.tsv"
     titles.write_text("New York\t10\nthe\t99\nMona Lisa\t50\n  \t1\n")
-    opts = BuildOptions(lang="en", wordnet=False, min_zipf=5.5, corpus=[str(corpus)], min_pmi=1.0,
-                        min_bigram_count=3, titles=str(titles))
+    opts = BuildOptions(lang="en", wordnet=False, scowl=None, capitalised_min_zipf=0, min_zipf=5.5,
+                        corpus=[str(corpus)], min_pmi=1.0, min_bigram_count=3, titles=str(titles))
     entries, report = build_metadata(opts)
     assert entries[:100] == [str(i) for i in range(100)]
     n = report["counts"]
@@ -137,5 +195,44 @@ def test_shipped_lists_match_the_manifest():
     assert len(en) == info["entries"] == sum(info["counts"].values())
     assert len(en) == len(set(en)) and en[:100] == [str(i) for i in range(100)]
     assert info["counts"]["wordnet"] == 86_554 and "ice cream" in en and "fire hydrant" in en
+    assert len(en) <= 500_000  # MetaCLIP's size
+    for cased in ("Chicken", "Guyana", "South America", "New York", "Dragonfly"):
+        assert cased in en, cased
+    assert "bigrams" not in info["counts"]  # nothing mined from the caption sets the tests measure with
+    assert (REPO / "metadata" / "LICENSE-SCOWL.txt").read_text().count("Kevin Atkinson") >= 1
+    assert "LICENSE-SCOWL.txt" in manifest["licenses"]["scowl"]
     total = sum(p.stat().st_size for p in (REPO / "metadata").glob("*.json.gz"))
     assert total < 4_000_000
+
+
+def test_shipped_english_list_is_the_builders_output(scowl, heads):
+    """metadata/en.json.gz is exactly what `pairsift metadata build` makes from the installed
+    WordNet, wordfreq and SCOWL (the MANIFEST's command)."""
+    manifest = json.loads((REPO / "metadata" / "MANIFEST.json").read_text())
+    info = manifest["languages"]["en"]
+    assert info["command"] == "pairsift metadata build --out metadata/en.json.gz"
+    entries, report = build_metadata(BuildOptions())
+    assert report["counts"] == info["counts"]
+    assert entries == load_metadata("en")
+
+
+def test_english_list_covers_english_laion_alt_texts():
+    """>= 95% of the langid-English alt texts of the 10k LAION sample match an entry (MetaCLIP's
+    own 500k list keeps Wikipedia's case; a lower-case list matches ~66%)."""
+    import pyarrow.parquet as pq
+
+    from conftest import shared_path
+    from pairsift.metadata.language import detect
+    from pairsift.metadata.match import Matcher
+
+    path = shared_path("realdata", "laion_alt_text_10k", "test_10000.parquet")
+    texts = pq.read_table(path, columns=["TEXT"]).column("TEXT").to_pylist()
+    english = [t for t, lang in zip(texts, detect(texts)) if lang == "en"]
+    assert len(english) > 7000
+    entries = load_metadata("en")
+    offsets, _ = Matcher(entries).match(english)
+    coverage = float((offsets[1:] > offsets[:-1]).mean())
+    assert coverage >= 0.95, coverage
+    lower = [e for e in entries if e == e.lower()]
+    offsets, _ = Matcher(lower).match(english)
+    assert float((offsets[1:] > offsets[:-1]).mean()) < 0.85  # case is what makes the difference

@@ -309,9 +309,14 @@ def test_preflight_errors(tmp_path):
     folder.mkdir()
     (folder / "de.json").write_text(json.dumps(["Hund"]))
     with pytest.raises(ConfigError, match="^t:"):
-        MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, t=10, fallback_language=None)).preflight()
-    with pytest.raises(ConfigError, match="fallback_language"):
-        MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, tail_share=0.1)).preflight()
+        MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, t=10, other_metadata=None)).preflight()
+    with pytest.raises(ConfigError, match="other_metadata"):
+        MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, tail_share=0.1,
+                                     other_metadata=str(tmp_path / "missing.json"))).preflight()
+    with pytest.raises(ConfigError, match="other"):
+        make_job(tmp_path, tmp_path / "out", stages=[{"metaclip": {"worldwide": True, "metadata": {"other": "en"}}}])
+    with pytest.raises(ConfigError, match="fallback_language"):  # renamed: other_metadata
+        make_job(tmp_path, tmp_path / "out", stages=[{"metaclip": {"worldwide": True, "fallback_language": "en"}}])
     with pytest.raises(ConfigError, match="t or tail_share"):
         make_job(tmp_path, tmp_path / "out", stages=[{"metaclip": {"t": 5, "tail_share": 0.1}}])
 
@@ -345,3 +350,213 @@ def test_job_spec_runs_on_quickstart_pool(ray_session, sample_pool, tmp_path):
     text = stats_text(str(out))
     assert "MetaCLIP" in text and "head entries" in text
 
+
+
+# -- golden: MetaCLIP's reference logic on real captions ------------------------------------------
+# The functions below restate, for the tests only, what facebookresearch/MetaCLIP's reference
+# code does (metaclip/metaclip1/substr_matching.py and balancing.py; metaclip/curation/
+# substr_matching.py and curate.py): entries padded with spaces (MetaCLIP 2: only on sides whose
+# boundary is not a no-space script or punctuation), looked up with one pyahocorasick automaton
+# over the spaced caption (MetaCLIP 2: stripped first); counts per language; English t -> tail
+# share p -> t of every other language (and of "other", where every LID code without metadata
+# goes); p_e = t / max(count_e, t); a caption kept with probability 1 - prod(1 - p_e).
+
+_REF_PUNCT = set("，。、；：？！“”‘’（）【】《》〈〉「」『』～—")
+_REF_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF),
+               (0x2FF0, 0x2FFF), (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF),
+               (0x0F00, 0x0FFF))
+
+
+def _ref_no_space(ch):
+    import string
+
+    return any(a <= ord(ch) <= b for a, b in _REF_RANGES) or ch in string.punctuation or ch in _REF_PUNCT
+
+
+def _ref_spacing(text):
+    text = f" {text} "
+    for p in [",", ".", ";", ":", "?", "!", "`"]:
+        text = text.replace(p, f" {p} ")
+    for c in ["\t", "\n", "\r"]:
+        text = text.replace(c, " ")
+    return text
+
+
+def _ref_automaton(metadata, v2):
+    import ahocorasick
+
+    a = ahocorasick.Automaton()
+    for idx, e in enumerate(metadata):
+        if v2:
+            key = e if _ref_no_space(e[0]) else " " + e
+            key = key if _ref_no_space(key[-1]) else key + " "
+        else:
+            key = f" {e} "
+        a.add_word(key, (idx, key))
+    a.make_automaton()
+    return a
+
+
+def _ref_match(automaton, text, v2):
+    if v2:
+        text = text.strip()
+    return sorted({idx for _, (idx, _) in automaton.iter(_ref_spacing(text))})
+
+
+def _ref_t_to_p(counts, t):
+    return float(counts[counts < t].sum() / counts.sum())
+
+
+def _ref_p_to_t(counts, p):
+    counts = np.sort(counts)
+    portion = np.cumsum(counts) / counts.sum()
+    return counts[np.abs(portion - p).argmin()]
+
+
+def _ref_count_to_prob(counts, t):
+    c = np.array(counts)
+    c[c < t] = t
+    return t / c
+
+
+def _ref_accept(probs, ids):
+    return 1.0 - np.prod(1.0 - probs[ids]) if ids else 0.0
+
+
+def test_golden_metaclip1_balancing_on_laion_alt_texts(tmp_path, laion_texts):
+    """MetaCLIP 1 on the 10k LAION alt texts with the shipped English list: entry counts,
+    t from the paper's tail share (no t given), p_e and the accept probability, as the
+    reference code computes them; the draw keeps sum(p) captions within 5 sd."""
+    from pairsift.metadata.balance import PAPER_TAIL_SHARE
+
+    entries = load_metadata("en")
+    automaton = _ref_automaton(entries, v2=False)
+    ref_ids = [_ref_match(automaton, t, v2=False) for t in laion_texts]
+    counts = np.zeros(len(entries), dtype=np.uint64)
+    for ids in ref_ids:
+        counts[ids] += 1
+    t = int(_ref_p_to_t(counts, PAPER_TAIL_SHARE))
+    probs = _ref_count_to_prob(counts, t)
+    accept = np.array([_ref_accept(probs, ids) for ids in ref_ids])
+
+    stage = MetaClipStage(MetaClipConfig(metadata="en"), StageContext(seed=0))  # the defaults
+    stage.preflight()
+    batch = _batch(laion_texts)
+    state, outs = _run(stage, [[batch.slice(0, 4000)], [batch.slice(4000, 3000), batch.slice(7000)]])
+    out = pa.concat_tables(outs)
+    assert out.column("metaclip_entries").to_pylist() == ref_ids
+    np.testing.assert_array_equal(state["counts"]["*"], counts.astype(np.int64))
+    # 10k captions: singletons alone hold > 5.64% of the matches, so the paper's share gives t = 1
+    assert state["t"]["*"] == t >= 1
+    np.testing.assert_allclose(state["probs"]["*"], probs, rtol=1e-12)
+    p = np.array(out.column("metaclip_p").to_pylist())
+    np.testing.assert_allclose(p, accept, rtol=1e-9, atol=1e-12)
+    assert abs(state["tail_share"] - _ref_t_to_p(counts, t)) < 1e-12
+    kept = out.column("drop_reason").is_null().to_numpy(zero_copy_only=False)
+    assert abs(kept.sum() - p.sum()) <= 5 * math.sqrt((p * (1 - p)).sum())
+    assert (counts >= t).sum() > 10  # there is a head to balance
+    assert 0.2 < kept.mean() < 0.95
+
+
+def test_golden_metaclip2_curation_on_laion_alt_texts(tmp_path, laion_texts):
+    """MetaCLIP 2 (worldwide) on the 10k LAION alt texts: per-language lists (en, de, fr, es,
+    ja, zh shipped), every other LID language in the ``other`` bucket matched against the
+    English list, captions stripped, English t = 20 transferred by tail share; ids, counts, t,
+    p_e and accept probabilities as the reference curation computes them."""
+    from pairsift.metadata.language import detect
+
+    langs_kept = ("en", "de", "fr", "es", "ja", "zh")
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    lists = {lang: load_metadata(lang) for lang in langs_kept}
+    for lang, entries in lists.items():
+        (folder / f"{lang}.json").write_text(json.dumps(entries, ensure_ascii=False))
+    lists["other"] = lists["en"]
+    # a caption padded with whitespace: MetaCLIP 2 strips it before matching
+    texts = list(laion_texts) + ["\u3000Vintage Leather Bag\xa0", " 一只小狗 "]
+    lid = detect(texts)
+    bucket = [l if l in langs_kept else "other" for l in lid]
+    automata = {lang: _ref_automaton(e, v2=True) for lang, e in lists.items()}
+    ref_ids = [_ref_match(automata[b], t, v2=True) for b, t in zip(bucket, texts)]
+    counts = {lang: np.zeros(len(e), dtype=np.uint64) for lang, e in lists.items()}
+    for b, ids in zip(bucket, ref_ids):
+        counts[b][ids] += 1
+    t_en = 20
+    p_t = _ref_t_to_p(counts["en"], t_en)
+    ts = {lang: (t_en if lang == "en" else int(_ref_p_to_t(c, p_t))) for lang, c in counts.items() if c.sum()}
+    probs = {lang: _ref_count_to_prob(counts[lang], t) for lang, t in ts.items()}
+    accept = [_ref_accept(probs[b], ids) if ids else 0.0 for b, ids in zip(bucket, ref_ids)]
+
+    stage = MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, t=t_en), StageContext(seed=0))
+    stage.preflight()
+    state, (out,) = _run(stage, [[_batch(texts)]])
+    assert out.column("metaclip_lang").to_pylist() == bucket
+    assert out.column("metaclip_entries").to_pylist() == ref_ids
+    assert ref_ids[-2] and ref_ids[-1]  # the stripped captions match
+    assert bucket.count("other") > 100 and len(set(bucket)) == 7
+    for lang in ts:
+        np.testing.assert_array_equal(state["counts"][lang], counts[lang].astype(np.int64))
+        assert state["t"][lang] == ts[lang], lang
+        np.testing.assert_allclose(state["probs"][lang], probs[lang], rtol=1e-12)
+    assert state["tail_share"] == pytest.approx(p_t, abs=1e-15)
+    np.testing.assert_allclose(out.column("metaclip_p").to_pylist(), accept, rtol=1e-9, atol=1e-12)
+    # the ``other`` bucket is not in the English counts: English t's tail share is English's own
+    en_only = [ids for b, ids in zip(bucket, ref_ids) if b == "en"]
+    assert int(state["counts"]["en"].sum()) == sum(map(len, en_only))
+
+
+def test_detect_is_langids_classify(laion_texts):
+    """The batched scoring gives langid.py's own answer, caption by caption."""
+    from pairsift.metadata.language import _identifier, detect
+
+    sample = laion_texts[::10]
+    ident = _identifier()
+    assert detect(sample) == [ident.classify(t)[0] for t in sample]
+
+
+def test_default_balancing_is_the_papers_tail_share(tmp_path):
+    """No t, no tail_share: t is derived from MetaCLIP's 400M tail share (5.64%), so a
+    small pool is balanced; t = 20000 would keep everything of it."""
+    from pairsift.metadata.balance import PAPER_TAIL_SHARE
+
+    assert PAPER_TAIL_SHARE == pytest.approx((5.67 - 5.35) / 5.67, abs=1e-4)
+    entries, captions = _synthetic_pool(20_000, n_entries=400, seed=5)
+    stage = _stage(tmp_path, entries)
+    state, (out,) = _run(stage, [[_batch(captions)]])
+    counts, t = state["counts"]["*"], state["t"]["*"]
+    assert t == p_to_t(counts, PAPER_TAIL_SHARE) and t < counts.max() / 5
+    assert abs(t_to_p(counts, t) - PAPER_TAIL_SHARE) < 0.02
+    assert out.column("drop_reason").null_count < 0.8 * len(captions)
+    fixed = _stage(tmp_path, entries, t=20_000)
+    _, (out20k,) = _run(fixed, [[_batch(captions)]])
+    assert out20k.column("drop_reason").null_count == len(captions)  # nothing balanced
+
+
+def test_worldwide_other_bucket_has_its_own_counts_and_t(tmp_path):
+    """Captions in a language without a list go to ``other`` (matched with other_metadata),
+    not into English's counts; with other_metadata null they match nothing."""
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "en.json").write_text(json.dumps(["dog", "cat", "park", "photo", "Roma"]))
+    (folder / "de.json").write_text(json.dumps(["Hund", "Park"]))
+    en = ["a photo of a dog in the park", "my cat sleeps on the sofa"] * 50
+    it = ["una foto del cane nel parco di Roma", "il gatto dorme sul divano a Roma"] * 30
+    captions = en + it
+    stage = MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, t=40,
+                                         other_metadata=str(folder / "en.json")), StageContext(seed=0))
+    stage.preflight()
+    state, (out,) = _run(stage, [[_batch(captions)]])
+    langs = out.column("metaclip_lang").to_pylist()
+    assert langs == ["en"] * 100 + ["other"] * 60
+    assert state["counts"]["en"].tolist() == [50, 50, 50, 50, 0]  # Roma is not counted for English
+    assert state["counts"]["other"].tolist() == [0, 0, 0, 0, 60]
+    share = t_to_p(state["counts"]["en"], 40)
+    assert state["t"]["en"] == 40 and state["t"]["other"] == p_to_t(state["counts"]["other"], share)
+    assert all(p > 0 for p in out.column("metaclip_p").to_pylist()[100:])
+    none = MetaClipStage(MetaClipConfig(metadata=str(folder), worldwide=True, t=40, other_metadata=None),
+                         StageContext(seed=0))
+    none.preflight()
+    _, (out2,) = _run(none, [[_batch(captions)]])
+    assert out2.column("metaclip_lang").to_pylist()[100:] == [None] * 60
+    assert out2.column("drop_reason").to_pylist()[100:] == ["metaclip"] * 60
