@@ -22,10 +22,11 @@ Nothing read is lost, and no input crashes the reader (the hostile-input rules, 
   apparent size, a gzip bomb's decompressed size), a folder file's the one the filesystem
   reports. A Parquet cell is read by Arrow before it can be measured.
 - **Damaged sources.** A truncated tar yields every complete sample, the interrupted one as
-  ``source_truncated``, and records the error. A gzip'd tar is first decompressed once to
-  check every member's CRC-32 and length: when the check fails (or the deflate data is
-  invalid), nothing read from that stream can be trusted, so every sample in it is rejected
-  as ``source_corrupt`` (one that merely ends early is a truncated tar). A Parquet row group
+  ``source_truncated``, and records the error. A tar is plain or gzip'd (sniffed; other
+  compressions are not read). A gzip'd tar is first decompressed once to check every gzip
+  member's CRC-32 and length: when the check fails (or the deflate data is invalid), nothing
+  read from that stream can be trusted, so every sample in it is rejected as
+  ``source_corrupt`` (one that merely ends early is a truncated tar). A Parquet row group
   that cannot be read (a corrupt page; page CRCs are checked where the writer stored them)
   gives ``source_corrupt`` rows for the rows the footer says it holds, and the other row groups
   go through.
@@ -435,18 +436,36 @@ def _sample_from_members(members: dict, caption_ext: str):
 # --------------------------------------------------------------------------- tars
 
 
-def _gzip_damage(path: str) -> str | None:
-    """Decompress a gzip file once, which checks each member's CRC-32 and length: the error
-    when the check fails or the deflate data is invalid, None when it passes or the file only
-    ends early (truncation is the tar reader's business)."""
-    with fsspec.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+def _check_gzip(path: str) -> str | None:
+    """Decompress a gzip file once with zlib, which checks each member's CRC-32 and length
+    (RFC 1952), throwing the output away as it comes (memory: one chunk, whatever the stream
+    holds). The error when a check fails, the deflate data is invalid or something that is
+    not gzip follows a member; None when every check passes or the file just ends early,
+    which the tar reader reports as truncation."""
+    def fresh():
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    d, started, pending = fresh(), False, b""
+    with fsspec.open(path, "rb") as f:
         try:
-            while gz.read(_CHUNK):
-                pass
-        except EOFError:
-            return None
-        except (OSError, zlib.error) as e:
-            return f"{type(e).__name__}: {e}"
+            while True:
+                if not pending:
+                    pending = f.read(_CHUNK)
+                    if not pending:
+                        break
+                if not started:  # zero padding between or after members is allowed
+                    pending = pending.lstrip(b"\0")
+                    if not pending:
+                        continue
+                    started = True
+                d.decompress(pending, _CHUNK)
+                pending = d.unconsumed_tail
+                if d.eof:  # the next member, if any, starts in unused_data
+                    pending, d, started = d.unused_data, fresh(), False
+            if started:
+                d.flush()  # what zlib still holds; raises on a bad check
+        except zlib.error as e:
+            return f"zlib.error: {e}"
     return None
 
 
@@ -501,7 +520,7 @@ def read_tar(shard: InputShard, input_spec, batch_size: int, errors: list[str]) 
     where = safe_text(shard.path)
     with fsspec.open(shard.path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    damage = _gzip_damage(shard.path) if gzipped else None
+    damage = _check_gzip(shard.path) if gzipped else None
     if damage:
         errors.append(f"{where}: the gzip stream fails its integrity check ({damage}); every sample in it "
                       f"is rejected as source_corrupt")
@@ -517,14 +536,16 @@ def read_tar(shard: InputShard, input_spec, batch_size: int, errors: list[str]) 
         buf.add(current_key, image, caption, url, reason)
 
     with fsspec.open(shard.path, "rb") as raw:
-        # A sound gzip stream is read through GzipFile (concatenated members too); a damaged
-        # one through tarfile's own decompressor, which checks nothing, to list its samples.
-        sound_gzip = gzipped and not damage
-        stream = _Read1(gzip.GzipFile(fileobj=raw, mode="rb")) if sound_gzip else raw
+        # GzipFile, not tarfile's own gzip stream: that one reads only the first gzip member
+        # and inflates each 10 KB read whole (10 MB from a bomb's zeros); read1 hands over what
+        # is inflated so far, so a damaged stream still lists its samples up to the damage.
+        # Anything else is read as a plain tar (tarfile's bz2/xz streams inflate unbounded).
+        stream = _Read1(gzip.GzipFile(fileobj=raw, mode="rb")) if gzipped else raw
         try:
             header_cls = type("_TarInfo", (_CappedTarInfo,), {"max_header": max(limits.text, 64 * 1024)})
-            with tarfile.open(fileobj=stream, mode="r|" if sound_gzip else "r|*", bufsize=_CHUNK,
-                              tarinfo=header_cls) as tf:
+            # tarfile's default 10 KB buffer: its stream copies what is left of the buffer on
+            # every read, so a large one costs more than it saves.
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=header_cls) as tf:
                 for info in _tar_members(tf):
                     if not info.isfile():
                         continue

@@ -277,6 +277,7 @@ def test_item12_gzip_bad_crc_rejects_the_stream_and_says_so(ray_session, tmp_pat
     _write(inp / "altered.tgz", altered_stored_gzip(raw))  # one JPEG byte flipped, CRC not updated
     _write(inp / "trailer.tgz", bad_crc(gzipped(raw)))  # data intact, CRC trailer wrong
     _write(inp / "sound.tgz", gzipped(raw))
+    _write(inp / "members.tgz", gzipped(raw[:3000]) + gzipped(raw[3000:]) + bytes(700))  # 2 gzip members, padding
     truncated = gzipped(write_tar([m for i in range(4, 10) for m in _pair(f"k{i}", i)]).data, level=0)
     _write(inp / "truncated.tgz", truncated[: len(truncated) * 2 // 3])
     out = tmp_path / "out"
@@ -286,15 +287,15 @@ def test_item12_gzip_bad_crc_rejects_the_stream_and_says_so(ray_session, tmp_pat
     for r in rows:
         by_source.setdefault(Path(r["source"]).name, []).append(r["drop_reason"])
     assert by_source["altered.tgz"] == by_source["trailer.tgz"] == ["source_corrupt"] * 4
-    assert by_source["sound.tgz"] == [None] * 4
+    assert by_source["sound.tgz"] == by_source["members.tgz"] == [None] * 4
     cut = by_source["truncated.tgz"]  # complete samples kept, the interrupted one flagged
     assert cut[-1] == "source_truncated" and set(cut[:-1]) == {None} and len(cut) >= 3
     errors = {Path(i["path"]).name: i["source_errors"] for i in result.manifest["inputs"]}
-    assert "CRC check failed" in errors["altered.tgz"][0] and "source_corrupt" in errors["altered.tgz"][0]
-    assert "CRC check failed" in errors["trailer.tgz"][0]
-    assert errors["sound.tgz"] == []
-    assert errors["truncated.tgz"] and "CRC" not in errors["truncated.tgz"][0]
-    assert len(_shard_members(out)) == 3 * (4 + len(cut) - 1)  # no altered JPEG reaches a training shard
+    assert "incorrect data check" in errors["altered.tgz"][0] and "source_corrupt" in errors["altered.tgz"][0]
+    assert "fails its integrity check" in errors["trailer.tgz"][0]
+    assert errors["sound.tgz"] == errors["members.tgz"] == []
+    assert errors["truncated.tgz"] and "integrity" not in errors["truncated.tgz"][0]
+    assert len(_shard_members(out)) == 3 * (8 + len(cut) - 1)  # no altered JPEG reaches a training shard
 
 
 # --------------------------------------------------------------------------- item 13
