@@ -53,14 +53,14 @@ TAR_NAMES = st.sampled_from(["s.tar", "t\udcff.tar", "u.tgz", "v.tar.gz", "w[1].
 @dataclass
 class InputFile:
     name: str
-    data: bytes
+    data: bytes = field(repr=False)
     kind: str  # "tar" | "parquet" | "image" (a file of a folder input)
     damage: str = "none"
     groups: list[tuple[str, int]] = field(default_factory=list)  # tars: (key, first member index)
     header_start: list[int] = field(default_factory=list)
     cut: int | None = None  # truncated plain tars: bytes kept
     rows: int = 0  # parquet: rows in the footer
-    table: tuple = ()  # parquet: (table, row group size, snappy), written by _materialise
+    table: tuple = field(default=(), repr=False)  # parquet: (table, row group size, snappy), written by _materialise
     caption: str = ""  # folder images: what lies beside them as ``stem.txt``
     corrupt_rows: range = range(0)
 
@@ -277,6 +277,9 @@ def run_and_check(fmt: str, files: list[InputFile], folder: Path) -> None:
     _materialise(files, inp)
     STATS["inputs"] += len(files)
     STATS["jobs"] += 1
+    STATS[f"jobs:{fmt}"] += 1
+    for f in files:
+        STATS[f"inputs:{f.kind}:{f.damage}"] += 1
     try:
         result = run_job(make_job(inp, out, stages=STAGES, fmt=fmt, input=CAPS, emit={"shard_size": 8}))
     except BaseException:
@@ -313,6 +316,9 @@ def campaign_report():
                                        "damaged_samples_not_listed")}
         print("\nhostile property campaign:", json.dumps(table))
         print("drop reasons:", json.dumps({k[7:]: v for k, v in sorted(STATS.items()) if k.startswith("reason:")}))
+        print("jobs by format:", json.dumps({k[5:]: v for k, v in sorted(STATS.items()) if k.startswith("jobs:")}))
+        print("input files by kind and damage:",
+              json.dumps({k[7:]: v for k, v in sorted(STATS.items()) if k.startswith("inputs:")}))
         report = os.environ.get("PAIRSIFT_HOSTILE_REPORT")
         if report:
             Path(report).write_text(json.dumps(dict(STATS), indent=2, sort_keys=True))
