@@ -189,19 +189,22 @@ class MetaClipStage(GlobalStage):
                 raise ConfigError(f"metadata: {files[lang]} is an empty list")
 
     def entries(self, lang: str) -> list[str]:
-        if lang not in self._entries:
+        """The list of ``lang`` (loaded once per file: ``other`` shares English's by default)."""
+        path = str(self.files()[lang])
+        if path not in self._entries:
             from pairsift.metadata.load import load_metadata
 
-            self._entries[lang] = load_metadata(str(self.files()[lang]))
-        return self._entries[lang]
+            self._entries[path] = load_metadata(path)
+        return self._entries[path]
 
     def matcher(self, lang: str):
-        if lang not in self._matchers:
+        path = str(self.files()[lang])
+        if path not in self._matchers:
             from pairsift.metadata.match import Matcher
 
             worldwide = self.config.worldwide
-            self._matchers[lang] = Matcher(self.entries(lang), no_space_rule=worldwide, strip=worldwide)
-        return self._matchers[lang]
+            self._matchers[path] = Matcher(self.entries(lang), no_space_rule=worldwide, strip=worldwide)
+        return self._matchers[path]
 
     def batch_rows(self) -> int:
         return 4096  # the matcher's fixed cost per call is amortised over many captions
@@ -259,7 +262,10 @@ class MetaClipStage(GlobalStage):
             return batch.column("metaclip_lang").to_pylist()
         return [SINGLE] * batch.num_rows
 
-    def scan(self, batch: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def scan_columns(self, pass_name: str) -> tuple[str, ...]:
+        return ("metaclip_entries",) + (("metaclip_lang",) if self.config.worldwide else ())
+
+    def scan(self, batch: pa.Table, pass_name: str = "scan", state: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Sparse counts of this batch's live captions: language -> (entry ids, counts)."""
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if batch.num_rows == 0:
@@ -274,7 +280,7 @@ class MetaClipStage(GlobalStage):
             out[lang] = (ids.astype(np.int32), counts.astype(np.int64))
         return out
 
-    def combine(self, partials: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def combine(self, partials: list[dict], pass_name: str = "scan") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for lang in sorted({k for p in partials for k in p}):
             ids = np.concatenate([p[lang][0] for p in partials if lang in p])
@@ -283,7 +289,7 @@ class MetaClipStage(GlobalStage):
             out[lang] = (uniq.astype(np.int32), np.bincount(inv, weights=counts).astype(np.int64))
         return out
 
-    def merge(self, partials: list[dict]) -> dict[str, Any]:
+    def merge(self, partials, pass_name: str = "scan", state: Any = None) -> dict[str, Any]:
         """Global counts per language (dense vectors, accumulated shard by shard), ``t`` and
         the entry probabilities."""
         from pairsift.metadata.balance import entry_probs, p_to_t, t_to_p

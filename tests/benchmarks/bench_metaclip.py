@@ -1,6 +1,13 @@
-"""MetaCLIP matching speed: MetaCLIP's own fast method vs pairsift's matcher, side by side.
+"""MetaCLIP matching speed: MetaCLIP's own fast method vs pairsift's matcher, side by side;
+with --coverage, what the shipped English metadata matches instead.
 
     python tests/benchmarks/bench_metaclip.py [--metadata FILE] [--reps 5] [--procs 2]
+    python tests/benchmarks/bench_metaclip.py --coverage
+
+--coverage: the share of the langid-English LAION alt texts that match at least one entry of
+the shipped English list, and per part of the list (metadata/MANIFEST.json's counts: numbers,
+WordNet, WordNet lemma names, wordfreq unigrams, capitalised copies, SCOWL, ...): its share of
+all matches, the captions it matches, and those only it matches.
 
 Input: the 10k LAION alt texts in ../shared/realdata/laion_alt_text_10k. Metadata: a ~500k
 entry list (the shipped English list, plus adjacent word pairs of the COCO and CC3M captions in
@@ -116,6 +123,36 @@ def _proc(args):
     return time.perf_counter() - t0
 
 
+def coverage(laion: Path) -> int:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pairsift.metadata.language import detect
+    from pairsift.metadata.load import load_metadata
+    from pairsift.metadata.match import Matcher
+
+    texts = pq.read_table(laion, columns=["TEXT"]).column("TEXT").to_pylist()
+    english = [t for t, lang in zip(texts, detect(texts)) if lang == "en"]
+    entries = load_metadata("en")
+    parts = json.loads((REPO / "metadata" / "MANIFEST.json").read_text())["languages"]["en"]["counts"]
+    bounds = np.cumsum([0] + list(parts.values()))
+    offsets, ids = Matcher(entries).match(english)
+    n = len(english)
+    owner = np.repeat(np.arange(n), np.diff(offsets))
+    part = np.searchsorted(bounds, ids, side="right") - 1
+    print(f"{n:,} of {len(texts):,} LAION alt texts are English (langid); {len(entries):,} entries match "
+          f"{np.mean(np.diff(offsets) > 0):.1%} of them ({len(ids):,} matches)")
+    print(f"{'part':16s} {'entries':>8s} {'matches':>8s} {'share':>7s} {'captions':>9s} {'only it':>8s}")
+    for k, (name, size) in enumerate(parts.items()):
+        mine = part == k
+        has = np.zeros(n, bool)
+        has[owner[mine]] = True
+        others = np.zeros(n, bool)
+        others[owner[~mine]] = True
+        print(f"{name:16s} {size:>8,} {mine.sum():>8,} {mine.mean():>7.1%} {has.mean():>9.1%} {(has & ~others).mean():>8.2%}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--metadata", help="JSON list of strings (default: ~500k entries built here)")
@@ -123,11 +160,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=10_000, help="captions per pairsift call")
+    ap.add_argument("--coverage", action="store_true", help="coverage of English alt texts per metadata part")
     args = ap.parse_args()
     laion = SHARED / "laion_alt_text_10k" / "test_10000.parquet"
     if not laion.is_file():
         print(f"needs {laion} (../shared is absent)")
         return 0
+    if args.coverage:
+        return coverage(laion)
     import pyarrow.parquet as pq
 
     from pairsift.metadata.load import load_metadata
