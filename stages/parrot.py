@@ -4,9 +4,9 @@ Lin et al. 2023, "Parrot Captions Teach CLIP to Spot Text": about half of LAION-
 carry text and most of their captions spell it, which teaches CLIP to read instead of see.
 Rule: every live image is read by an OCR engine (``engine``, RapidOCR by default), detection
 first: a cheap detection pass (longer side shrunk to ``gate_side``) decides whether the image
-has text; where it accepted a box, or where its text probability map exceeds ``gate_min_prob``
-without a box (text too small to resolve at that size: it is unsure), the accurate detection
-plus recognition run. Stored per sample: ``ocr_text`` (recognised lines joined by spaces, in
+has text; where it accepted a box, or where it shrank the image and its text probability map
+exceeds ``gate_min_prob`` without a box (text too small to resolve at that size: it is unsure),
+the accurate detection plus recognition run. Stored per sample: ``ocr_text`` (recognised lines joined by spaces, in
 reading order; lines with fewer than two letters or digits are discarded as detector false
 positives), ``ocr_boxes`` (lines with legible text), ``text_area`` (share of the image those
 boxes cover), ``cotr`` (the paper's co-emerging text rate, Algorithm 1: share of the caption's
@@ -66,8 +66,9 @@ class ParrotConfig(StageConfig):
     min_text_area: float = Field(0.0, ge=0.0, le=1.0)
     #: Longer side of the cheap detection pass; null: no cheap pass, accurate detection on all.
     gate_side: int | None = Field(640, ge=32)
-    #: The cheap pass is unsure (and the accurate pass runs) where its text probability map
-    #: exceeds this without a box; null: only a box counts. 0.3 is RapidOCR's DB threshold.
+    #: The cheap pass is unsure (and the accurate pass runs) where it shrank the image and its
+    #: text probability map exceeds this without a box; null: only a box counts. 0.3 is
+    #: RapidOCR's DB binarisation threshold.
     gate_min_prob: float | None = Field(0.3, ge=0.0, le=1.0)
     clip_check: bool = False
     clip: ClipModelConfig | None = None
@@ -289,14 +290,17 @@ class ParrotStage(Stage):
 
     # -- per sample ----------------------------------------------------------------------
     def has_text_cheaply(self, image: np.ndarray) -> bool:
-        """The gate: whether the cheap detection pass found text, or is unsure (its probability
-        map exceeds ``gate_min_prob`` where it accepted no box) and the accurate pass must look."""
+        """The gate: whether the cheap detection pass found text, or is unsure and the accurate
+        pass must look: it shrank the image (looked at fewer pixels than the image has) and its
+        probability map exceeds ``gate_min_prob`` where it accepted no box. On an image it saw
+        at full size, only a box counts: looking again would add no pixels."""
         c: ParrotConfig = self.config
+        shrunk = c.gate_side is not None and max(image.shape[:2]) > c.gate_side
         gate = getattr(self.engine, "gate", None)
-        if gate is None:  # an engine without a probability map: its boxes decide
+        if gate is None or c.gate_min_prob is None or not shrunk:  # boxes decide
             return len(self.engine.detect(image, max_side=c.gate_side)) > 0
         boxes, peak = gate(image, c.gate_side)
-        return len(boxes) > 0 or (c.gate_min_prob is not None and peak > c.gate_min_prob)
+        return len(boxes) > 0 or peak > c.gate_min_prob
 
     def read_text(self, image: np.ndarray, with_words: bool = False):
         """Boxes and texts of the legible lines in ``image`` (and, ``with_words``, each line's
