@@ -35,10 +35,17 @@ def test_lexnames_is_wordnet_30s_list():
 
 
 @pytest.fixture(scope="module")
-def heads():
+def synsets():
+    from pairsift.metadata.build import _wordnet_synsets
+
     if not os.path.isfile(os.path.join(WORDNET_DIR, "data.noun")):
         pytest.skip("Debian wordnet-base is not installed (.ci/run installs it)")
-    return wordnet_heads()
+    return _wordnet_synsets()
+
+
+@pytest.fixture(scope="module")
+def heads(synsets):
+    return wordnet_heads(synsets=synsets)
 
 
 def test_wordnet_heads(heads):
@@ -81,15 +88,6 @@ def test_pmi_bigrams():
     assert "hot dog" in dict(top) and all(s >= 1.0 for _, s in top)
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
     assert pmi_bigrams(["狗 很 可爱"] * 5, min_pmi=-100, min_count=1, join="")[0][0] in ("狗很", "很可爱")
-
-
-@pytest.fixture(scope="module")
-def synsets():
-    from pairsift.metadata.build import _wordnet_synsets
-
-    if not os.path.isfile(os.path.join(WORDNET_DIR, "data.noun")):
-        pytest.skip("Debian wordnet-base is not installed (.ci/run installs it)")
-    return _wordnet_synsets()
 
 
 def test_wordnet_lemma_names_keep_case(synsets, heads):
