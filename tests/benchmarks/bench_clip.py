@@ -9,8 +9,8 @@ Makes ``--samples`` photo-like JPEGs (smooth gradients, soft blobs and sensor no
 between ``--min-side`` and ``--max-side``) with captions of 4-16 words, as WebDataset tars of
 ``--shard-size``, then measures:
 
-* plain: one process reads the tars with ``tarfile``, decodes each image with Pillow, runs
-  open_clip's inference ``preprocess``, tokenizes with open_clip's tokenizer, and scores batches
+* plain: one process reads the tars with ``tarfile``, decodes each image with Pillow (to RGB),
+  runs open_clip's inference ``preprocess``, tokenizes with open_clip's tokenizer, and scores batches
   of ``--batch-size`` with ``encode_image`` / ``encode_text`` (normalised, dot product). Same
   model (random weights unless ``--pretrained`` names a tag or file), batch size, precision
   and torch threads (``--num-cpus``). The clock includes creating the model.
@@ -102,8 +102,13 @@ def make_input(folder: str, samples: int, shard_size: int, lo: int, hi: int) -> 
 def _create(model: str, pretrained: str, device: str, precision: str):
     import open_clip
 
+    from pairsift.stages.clip_models import quick_gelu
+
+    # QuickGELU where the weights were trained with it (OpenAI's): what open_clip's
+    # ``-quickgelu`` architectures do, and what pairsift does.
     net, _, preprocess = open_clip.create_model_and_transforms(
-        model, pretrained=None if pretrained == "random" else pretrained, device=device, precision=precision)
+        model, pretrained=None if pretrained == "random" else pretrained, device=device, precision=precision,
+        force_quick_gelu=quick_gelu(model, pretrained))
     return net.eval(), preprocess, open_clip.get_tokenizer(model), open_clip.get_input_dtype(precision)
 
 
@@ -139,7 +144,7 @@ def run_plain(paths: list[str], a) -> dict:
                 t = time.perf_counter()
                 data = tf.extractfile(members[name]).read()
                 caption = tf.extractfile(members[name[:-4] + ".txt"]).read().decode()
-                images.append(preprocess(Image.open(io.BytesIO(data))))
+                images.append(preprocess(Image.open(io.BytesIO(data)).convert("RGB")))  # as open_clip_train
                 captions.append(caption)
                 timing["decode"] += time.perf_counter() - t
                 n += 1
