@@ -6,7 +6,8 @@ part (``process``, e.g. computing the scores it will rank) with the stages befor
 runs on the driver at the barrier; ``apply`` opens the next phase. A stage that needs more
 than one look at the pool (``passes > 1``, e.g. k-means then per-cluster ranks) gets
 scan-only phases in between: they read the same shards, write nothing, and each pass's scan
-sees the state merged from the pass before.
+sees the state merged from the pass before. Passes have names (``GlobalStage.passes``), which
+label the phases.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Phase:
     steps: tuple[Step, ...] = field(default=())
     scan: int | None = None  # stage index whose scan runs on this phase's output
     scan_pass: int = 0  # which pass of that stage's scan
+    pass_name: str = ""  # that pass's name (GlobalStage.passes)
+    last_pass: bool = True  # whether it is the stage's last pass (then its apply opens the next phase)
     first: bool = False
     final: bool = False
     writes: bool = True  # scan-only phases read their input and write nothing
@@ -42,7 +45,7 @@ class Phase:
     def label(self) -> str:
         names = (["ingest"] if self.first else []) + [s.name for s in self.steps]
         if self.scan is not None:
-            names.append("scan" if self.scan_pass == 0 else f"scan{self.scan_pass + 1}")
+            names.append(self.pass_name or "scan")
         return "+".join(names) or "copy"
 
 
@@ -61,9 +64,14 @@ def plan_phases(stages: list) -> list[Phase]:
         steps.append(Step(i, name, "process"))
         if not cls.is_global(config):
             continue
-        phases.append(Phase(len(phases), tuple(steps), scan=i, first=not phases, input_phase=last_writer()))
-        for p in range(1, cls.passes(config)):
-            phases.append(Phase(len(phases), (), scan=i, scan_pass=p, writes=False, input_phase=last_writer()))
+        names = tuple(cls.passes(config))
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"{name}: passes() must name each pass once, got {names!r}")
+        phases.append(Phase(len(phases), tuple(steps), scan=i, pass_name=names[0], last_pass=len(names) == 1,
+                            first=not phases, input_phase=last_writer()))
+        for p in range(1, len(names)):
+            phases.append(Phase(len(phases), (), scan=i, scan_pass=p, pass_name=names[p], last_pass=p == len(names) - 1,
+                                writes=False, input_phase=last_writer()))
         steps = [Step(i, name, "apply")]
     phases.append(Phase(len(phases), tuple(steps), first=not phases, final=True, input_phase=last_writer()))
     return phases

@@ -131,6 +131,67 @@ def _input_shards(spec: JobSpec, executor: Executor) -> list[InputShard]:
     return discover(spec.input)
 
 
+def merge_pass(stage: GlobalStage, pass_name: str, partials, state: Any, run_reduce) -> Any:
+    """The driver's side of one pass: ``merge`` the shards' partials, run the pass's reduce
+    tasks (``run_reduce(tasks, state) -> results``) and fold their results in."""
+    state = stage.merge(partials, pass_name, state)
+    tasks = stage.reduce_tasks(pass_name, state)
+    if tasks:
+        state = stage.reduced(pass_name, state, run_reduce(tasks, state))
+    return state
+
+
+def run_global_stage(stage: GlobalStage, shards: list[list[Any]], output: str | None = None) -> tuple[Any, Any, dict]:
+    """Drive one global stage over in-memory shards (lists of Arrow batches) the way a job
+    does — every pass's scan and combine per shard, the merge and reduce tasks, ``finalize``,
+    then ``apply`` — in this process, with partials and states pickled as they are between
+    processes. For tests, notebooks and stepping through a stage under a debugger. Returns
+    (the applied state, the applied batches concatenated, finalize's facts)."""
+    import pickle
+
+    import pyarrow as pa
+
+    def roundtrip(x: Any) -> Any:
+        return pickle.loads(pickle.dumps(x))
+
+    state = None
+    for name in type(stage).passes(stage.config):
+        partials = []
+        for k, batches in enumerate(shards):
+            stage.shard = _MemoryShard(f"{k:06d}")
+            partials.append(roundtrip(stage.combine([stage.scan(b, name, state) for b in batches], name)))
+        state = merge_pass(stage, name, partials, state,
+                           lambda tasks, st: [roundtrip(stage.reduce(name, t, st)) for t in tasks])
+    facts = stage.finalize(state, output or stage.context.output)
+    state = roundtrip(state)
+    out = []
+    for k, batches in enumerate(shards):
+        stage.shard = _MemoryShard(f"{k:06d}")
+        out.extend(stage.apply(b, state) for b in batches)
+    return state, pa.concat_tables(out, promote_options="permissive"), facts
+
+
+@dataclass(frozen=True)
+class _MemoryShard:
+    name: str
+    path: str = "<memory>"
+
+
+class _Partials:
+    """The shards' partials of a pass, read from the ledger one at a time as a merge iterates
+    (a merge that folds them as it goes never holds them all)."""
+
+    def __init__(self, ledger: Ledger, step: str, names: list[str]):
+        self.ledger, self.step, self.names = ledger, step, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        for name in self.names:
+            yield self.ledger.partial(self.step, name)
+
+
 class Barriers:
     """The driver's side of the global stages: after each phase that ends in a stage's scan,
     merge the shards' partials; after a stage's last pass, finalize it (artifacts, facts) and
@@ -150,18 +211,50 @@ class Barriers:
         handles = (self.executor.put(self.scans.get(phase.scan)),) + tuple(self.applied[i] for i in applied)
         return applied, handles
 
-    def after(self, phase: Phase, partials: list[Any]) -> None:
+    def after(self, phase: Phase, partials: list[Any], cluster: dict) -> None:
+        """The barrier after ``phase``: merge, run the pass's reduce tasks, and after the
+        stage's last pass finalize it and keep its state for its apply."""
         if phase.scan is None:
             return
         stage = self.stages[phase.scan]
         assert isinstance(stage, GlobalStage)
-        state = stage.merge_pass(partials, phase.scan_pass, self.scans.get(phase.scan))
-        if phase.scan_pass + 1 < type(stage).passes(stage.config):
+        name = phase.pass_name
+
+        def run_reduce(tasks: list, state: Any) -> list:
+            """In parallel; each committed to the ledger, so a resumed job skips it."""
+            ledger = Ledger(self.spec.output)
+            step = f"{phase.step_name}-reduce"
+            named = [_ReduceTask(f"{i:06d}", t) for i, t in enumerate(tasks)]
+            todo = [t for t in named if not ledger.committed(step, t.name)]
+            handle = self.executor.put(state)
+            self.executor.map(
+                _reduce_and_commit, todo,
+                lambda t: (self.spec, phase.scan, name, step, t, {"cluster": cluster}, handle),
+                {"num_cpus": 1.0}, f"{stage.name} [{name}]: reduce", count_rows=lambda r: 0)
+            return [ledger.partial(step, t.name) for t in named]
+
+        state = merge_pass(stage, name, partials, self.scans.get(phase.scan), run_reduce)
+        if not phase.last_pass:
             self.scans[phase.scan] = state
             return
         key = f"{phase.scan}:{stage.name}"
         self.facts[key] = {**self.facts.get(key, {}), **(stage.finalize(state, self.spec.output) or {})}
         self.applied[phase.scan] = self.executor.put(state)
+
+
+@dataclass(frozen=True)
+class _ReduceTask:
+    name: str
+    task: Any
+
+
+def _reduce_and_commit(spec, index: int, pass_name: str, step: str, item: _ReduceTask, extras: dict, state) -> dict:
+    """One reduce task of a global stage's pass, in a worker; its result goes to the ledger."""
+    from pairsift.pipeline.worker import get_stage
+
+    result = get_stage(spec, index, extras).reduce(pass_name, item.task, state)
+    Ledger(spec.output).commit(step, item.name, {"task": item.name}, result)
+    return {"task": item.name}
 
 
 def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> JobResult:
@@ -190,7 +283,7 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
         summaries[phase.index] = [ledger.summary(phase.step_name, s.name) for s in shards]
         phase_times.append(_phase_timing(phase, summaries[phase.index], time.perf_counter() - t0, len(todo)))
         if phase.scan is not None:
-            barriers.after(phase, [ledger.partial(phase.step_name, s.name) for s in shards])
+            barriers.after(phase, _Partials(ledger, phase.step_name, [s.name for s in shards]), cluster)
         if not spec.emit.keep_work:  # work shards no later phase reads
             needed = {p.input_phase for p in phases[phase.index + 1 :]} | {phases[-1].index}
             for p in phases[: phase.index + 1]:
@@ -221,6 +314,9 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
     _write_report(spec.output)
     if not spec.emit.keep_work:
         storage.remove_tree(layout.phase_dir(spec.output, final.index))
+        for stage in stages:  # spill files and decisions of the global stages
+            if isinstance(stage, GlobalStage):
+                storage.remove_tree(stage.work_dir)
     return JobResult(spec.output, manifest, phase_summaries=summaries)
 
 
@@ -265,10 +361,10 @@ def _emit_and_commit(output: str, task, captions_from: CaptionPolicy | None = No
 
 
 def _phase_resources(stages: list, phase: Phase) -> dict:
-    """Ray resources of one phase task: the most its map parts and scan ask for. A global
-    stage's ``apply`` is a cheap decision on stored scores, so it asks for nothing extra (a
-    top-fraction cut must not hold a GPU per task)."""
-    idx = [s.stage for s in phase.steps if s.mode == "process"] + ([phase.scan] if phase.scan is not None else [])
+    """Ray resources of one phase task: the most its map parts ask for. A global stage's scan
+    and ``apply`` read stored columns, so they ask for nothing extra (a top-fraction cut must
+    not hold a GPU per task)."""
+    idx = [s.stage for s in phase.steps if s.mode == "process"]
     asks = [as_resources(stages[i].resources()) for i in idx]
     return {
         "num_cpus": max([a.cpus for a in asks] + [1.0]),

@@ -98,13 +98,19 @@ def phase_batch_rows(stages: list[Stage]) -> int:
     return min(max([BATCH_SIZE] + hints), MAX_BATCH_SIZE)
 
 
-def _work_batches(path: str, rows: int):
-    """Batches of a work shard an earlier phase wrote; the file is closed when done."""
+#: Columns every scan sees, whatever it declares: the row's identity and whether it is live.
+ROW_COLUMNS = ("uid", "drop_reason", "drop_stage")
+
+
+def _work_batches(path: str, rows: int, columns: list[str] | None = None):
+    """Batches of a work shard an earlier phase wrote (only ``columns``, when given); the file
+    is closed when done."""
     fs, p = storage.fs_path(path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
-        for rb in pf.iter_batches(rows):
-            yield pa.Table.from_batches([rb], schema=pf.schema_arrow)
+        schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
+        for rb in pf.iter_batches(rows, columns=columns):
+            yield pa.Table.from_batches([rb], schema=schema)
 
 
 def _codecs(schema: pa.Schema) -> dict[str, str]:
@@ -224,6 +230,8 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         return batch
 
     used = [s.stage for s in phase.steps] + ([phase.scan] if phase.scan is not None else [])
+    for i in used:  # the shard a stage's combine / apply works for (spill files, per-shard decisions)
+        get_stage(spec, i, extras).shard = shard
     rows_per_batch = phase_batch_rows([get_stage(spec, i, extras) for i in used])
     if phase.first:
         in_schema = input_schema(shard, spec.input)  # BASE_SCHEMA + input.keep_columns
@@ -233,7 +241,13 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         fs, p = storage.fs_path(src)
         with fs.open(p, "rb") as f:
             in_schema = pq.read_schema(f)
-        batches = _work_batches(src, rows_per_batch)
+        columns = None
+        if not phase.steps and phase.scan is not None:  # a scan-only pass reads what its scan declares
+            wanted = get_stage(spec, phase.scan, extras).scan_columns(phase.pass_name)
+            if wanted is not None:
+                columns = [c for c in dict.fromkeys([*ROW_COLUMNS, *wanted]) if c in in_schema.names]
+                in_schema = pa.schema([in_schema.field(c) for c in columns])
+        batches = _work_batches(src, rows_per_batch, columns)
     schema, added = _probe_schema(spec, phase, in_schema, states, extras)
     align = _Aligner(schema)
 
@@ -265,7 +279,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             batch = align(steps(batch))
             if scan_stage is not None:
                 t0 = time.perf_counter()
-                partials.append(scan_stage.scan_pass(batch, phase.scan_pass, scan_state))
+                partials.append(scan_stage.scan(batch, phase.pass_name, scan_state))
                 timings["scan"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if wrej is not None:
@@ -294,7 +308,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         if failed[k] >= BROKEN_STAGE_MIN_ROWS and failed[k] >= live_seen[k]:
             raise JobError(f"stage {step.name} failed on every one of the {failed[k]} samples of shard {shard.path} "
                            f"(phase {phase.label}): {errors[0] if errors else ''}")
-    partial = scan_stage.combine(partials) if scan_stage is not None else None
+    partial = scan_stage.combine(partials, phase.pass_name) if scan_stage is not None else None
     summary = {
         "shard": name,
         "source": shard.path,

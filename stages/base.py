@@ -134,6 +134,8 @@ class Stage(Generic[ConfigT]):
     def __init__(self, config: ConfigT, context: StageContext | None = None):
         self.config = config
         self.context = context or StageContext()
+        #: The input shard the worker is processing (set by the worker before each shard).
+        self.shard: Any = None
 
     @classmethod
     def is_global(cls, config: StageConfig) -> bool:
@@ -196,37 +198,60 @@ class Stage(Generic[ConfigT]):
 
 
 class GlobalStage(Stage[ConfigT]):
-    """A stage that needs the whole pool: ``process`` (its map part, identity by default)
-    runs with the stages before it, then ``scan`` per batch, ``combine`` per shard, ``merge``
-    on the driver, and ``apply`` per batch. Override ``is_global`` where only some
-    configurations need the pool, and ``passes`` (with ``scan_pass``/``merge_pass``) where
-    one look is not enough."""
+    """A stage that needs the whole pool.
+
+    ``process`` (its map part, identity by default) runs with the stages before it. Then, for
+    each of its ``passes`` (names, in order): ``scan(batch, pass_name, state)`` per batch and
+    ``combine(partials, pass_name)`` per shard, in the workers (``self.shard`` is the shard;
+    a combine may write spill files under ``self.work_dir``); ``merge(partials, pass_name,
+    state)`` on the driver, which must stay small (histograms, counts, centroids — never one
+    entry per sample); and, where the work is too big for one process, ``reduce_tasks`` lists
+    tasks the executor runs in parallel (``reduce``, e.g. one range of spill partitions each)
+    whose results ``reduced`` folds into the state. After the last pass, ``finalize`` writes the
+    stage's artifacts and ``apply(batch, state)`` runs per batch as a map stage again (it may
+    read per-shard decisions a reduce wrote, for ``self.shard``). Override ``is_global`` where
+    only some configurations need the pool."""
 
     @classmethod
     def is_global(cls, config: StageConfig) -> bool:
         return True
 
+    @classmethod
+    def passes(cls, config: StageConfig) -> tuple[str, ...]:
+        """The stage's looks at the pool, by name, in order."""
+        return ("scan",)
+
     def process(self, batch: pa.Table) -> pa.Table:
         return batch
 
-    def scan(self, batch: pa.Table) -> Any:  # pragma: no cover - abstract
+    def scan_columns(self, pass_name: str) -> tuple[str, ...] | None:
+        """The columns ``scan`` reads in this pass (a scan-only phase reads no others from the
+        work shards); None: every column."""
+        return None
+
+    def scan(self, batch: pa.Table, pass_name: str, state: Any) -> Any:  # pragma: no cover - abstract
+        """One batch's partial; ``state`` is what the previous pass merged (None for the first)."""
         raise NotImplementedError
 
-    def scan_pass(self, batch: pa.Table, pass_index: int, state: Any) -> Any:
-        """Scan of pass ``pass_index``; ``state`` is what the pass before merged."""
-        return self.scan(batch)
-
-    def merge_pass(self, partials: list[Any], pass_index: int, state: Any) -> Any:
-        return self.merge(partials)
-
-    def combine(self, partials: list[Any]) -> Any:
-        """Combine the partials of one shard's batches into the shard's partial.
-
-        Defaults to ``merge``'s input format: a list kept as is."""
+    def combine(self, partials: list[Any], pass_name: str) -> Any:
+        """One shard's partial from its batches' (default: the list as is)."""
         return partials
 
-    def merge(self, partials: list[Any]) -> Any:  # pragma: no cover - abstract
+    def merge(self, partials: list[Any], pass_name: str, state: Any) -> Any:  # pragma: no cover - abstract
+        """The pass's state from every shard's partial (on the driver: keep it small)."""
         raise NotImplementedError
+
+    def reduce_tasks(self, pass_name: str, state: Any) -> list[Any]:
+        """Work to run in parallel after ``merge`` (small descriptions, e.g. partition ranges)."""
+        return []
+
+    def reduce(self, pass_name: str, task: Any, state: Any) -> Any:  # pragma: no cover - abstract
+        """Run one reduce task (in a worker); its result goes to ``reduced``."""
+        raise NotImplementedError
+
+    def reduced(self, pass_name: str, state: Any, results: list[Any]) -> Any:
+        """The state after the pass's reduce tasks (default: unchanged)."""
+        return state
 
     def apply(self, batch: pa.Table, state: Any) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -235,3 +260,10 @@ class GlobalStage(Stage[ConfigT]):
         """Write the stage's job-level artifacts under ``output``; return manifest facts."""
         return {}
 
+    @property
+    def work_dir(self) -> str:
+        """Scratch space of this stage in this job (spill files, decisions): under ``_work``,
+        removed with it."""
+        from pairsift.pipeline import layout
+
+        return layout.stage_work_dir(self.context.output, f"{self.name}-{self.context.index}")

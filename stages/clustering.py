@@ -233,12 +233,20 @@ def max_similarity_to_earlier(x_unit: np.ndarray, block: int | None = None) -> t
 
 
 class ClusteringStage(GlobalStage):
-    """A global stage that clusters ``config.embedding``: pass 0 counts, pass 1 samples and
-    trains the centroids; subclasses implement the passes from :attr:`FIRST_OWN_PASS` on
-    (``scan_clustered``, ``combine_clustered``, ``merge_clustered``), which see every usable
-    row with its cluster and distance."""
+    """A global stage that clusters ``config.embedding``: pass ``count`` counts, pass ``kmeans``
+    samples and trains the centroids; subclasses name their own passes after those
+    (:attr:`OWN_PASSES`) and implement them (``scan_clustered``, ``combine_clustered``,
+    ``merge_clustered``, which see every usable row with its cluster and distance)."""
 
-    FIRST_OWN_PASS = 2
+    #: The subclass's passes, after ``count`` and ``kmeans``.
+    OWN_PASSES: tuple[str, ...] = ()
+
+    @classmethod
+    def passes(cls, config) -> tuple[str, ...]:
+        return ("count", "kmeans") + cls.OWN_PASSES
+
+    def scan_columns(self, pass_name: str) -> tuple[str, ...]:
+        return ("uid", self.config.embedding)
 
     # -- the map part: a clear error when the column is not there
 
@@ -248,11 +256,11 @@ class ClusteringStage(GlobalStage):
 
     # -- scans
 
-    def scan_pass(self, batch: pa.Table, pass_index: int, state: Any) -> Any:
+    def scan(self, batch: pa.Table, pass_name: str, state: Any) -> Any:
         rows, x = read_embeddings(batch, self.config.embedding)
-        if pass_index == 0:
+        if pass_name == "count":
             return {"pass": 0, "count": int(rows.size), "dim": int(x.shape[1]) if rows.size else None}
-        if pass_index == 1:
+        if pass_name == "kmeans":
             if rows.size == 0:
                 return {"pass": 1, "keys": np.zeros(0, np.uint64), "uids": np.zeros(0, "U1"), "emb": x}
             uids = np.asarray(batch.column("uid").take(pa.array(rows)).to_pylist())
@@ -263,23 +271,24 @@ class ClusteringStage(GlobalStage):
             rows, x = rows[:0], x[:0]
         x_unit = normalise(x) if rows.size else np.zeros((0, state["dim"] or 0), np.float32)
         cluster, dist = assign(x_unit, state["centroids"])
-        return self.scan_clustered(batch, pass_index, state, rows, x, x_unit, cluster, dist)
+        return self.scan_clustered(batch, pass_name, state, rows, x, x_unit, cluster, dist)
 
-    def combine(self, partials: list) -> Any:
+    def combine(self, partials: list, pass_name: str) -> Any:
         parts = [p for p in partials if p]
         if not parts:
             return {}
-        p = parts[0]["pass"]
-        if p == 0:
+        if pass_name == "count":
             dims = {q["dim"] for q in parts if q["dim"] is not None}
             return {"pass": 0, "count": sum(q["count"] for q in parts), "dims": dims}
-        if p == 1:
+        if pass_name == "kmeans":
             return self._sample_union(parts, self.config.kmeans_sample)
-        return self.combine_clustered(p, parts)
+        return self.combine_clustered(pass_name, parts)
 
-    def merge_pass(self, partials: list, pass_index: int, state: Any) -> Any:
+    def merge(self, partials, pass_name: str, state: Any) -> Any:
+        if pass_name not in ("count", "kmeans"):  # streamed: the subclass folds them as it reads
+            return self.merge_clustered(pass_name, (p for p in partials if p), state)
         parts = [p for p in partials if p]
-        if pass_index == 0:
+        if pass_name == "count":
             dims = set().union(*(q["dims"] for q in parts)) if parts else set()
             if len(dims) > 1:
                 raise ValueError(f"{self.name}: column {self.config.embedding!r} holds embeddings of "
@@ -287,7 +296,7 @@ class ClusteringStage(GlobalStage):
             count = sum(q["count"] for q in parts)
             return {"count": count, "dim": dims.pop() if dims else None,
                     "threshold": sample_threshold(count, self.config.kmeans_sample)}
-        if pass_index == 1:
+        if pass_name == "kmeans":
             sample = self._sample_union(parts, self.config.kmeans_sample) if parts else None
             out = {"count": state["count"], "dim": state["dim"]}
             if sample is None or sample["keys"].size == 0:
@@ -298,7 +307,7 @@ class ClusteringStage(GlobalStage):
                                      kmeans_seed(self.context.seed, self.name))
             out.update(centroids=centroids, sample_size=int(x_unit.shape[0]))
             return self.after_kmeans(out, x_unit)
-        return self.merge_clustered(pass_index, parts, state)
+        raise AssertionError(pass_name)
 
     @staticmethod
     def _sample_union(parts: list[dict], k: int) -> dict:
@@ -317,11 +326,12 @@ class ClusteringStage(GlobalStage):
         """Add what the subclass's first own pass needs (the sample is the unit k-means sample)."""
         return state
 
-    def scan_clustered(self, batch, pass_index, state, rows, x, x_unit, cluster, dist):  # pragma: no cover
+    def scan_clustered(self, batch, pass_name, state, rows, x, x_unit, cluster, dist):  # pragma: no cover
         raise NotImplementedError
 
-    def combine_clustered(self, pass_index: int, parts: list[dict]) -> Any:  # pragma: no cover
+    def combine_clustered(self, pass_name: str, parts: list[dict]) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-    def merge_clustered(self, pass_index: int, parts: list, state: Any) -> Any:  # pragma: no cover
+    def merge_clustered(self, pass_name: str, parts, state: Any) -> Any:  # pragma: no cover
+        """``parts``: the shards' partials, an iterator read once."""
         raise NotImplementedError

@@ -28,10 +28,10 @@ cluster: size, d_intra, d_inter, complexity, share, target N·P_j, floor, budget
 threshold distance).
 
 Four looks at the pool (scan/merge; see :mod:`pairsift.stages.clustering` for the first two):
-pass 0 counts, pass 1 gathers the k-means sample and trains the centroids, pass 2 assigns every
+``count`` counts, ``kmeans`` gathers the k-means sample and trains the centroids, ``histogram`` assigns every
 sample and sums per cluster its size, its distances (in fixed point, so the sum does not depend
 on the order) and a histogram of its distances over 64 bins cut at the sample's per-cluster
-quantiles; the merge sets the budgets and finds in which bin each cluster's cut falls. Pass 3
+quantiles; the merge sets the budgets and finds in which bin each cluster's cut falls. ``cut``
 collects the (distance, uid) pairs of the members in that bin only — at most min(r, m - r)
 per cluster and shard, for m members in the bin of which r are kept — and the merge finds the
 exact cut pair. ``apply`` reassigns each row (bit-identical, see ``clustering.assign``) and
@@ -56,7 +56,7 @@ from pairsift.pipeline.table import mark_dropped, set_column
 from pairsift.stages.base import StageConfig
 from pairsift.stages.clustering import ClusteringStage, assign, centroid_neighbour_distance, normalise, read_embeddings
 
-#: Histogram bins per cluster in pass 2.
+#: Histogram bins per cluster in the ``histogram`` pass.
 BINS = 64
 #: Distances are summed as integers of 2^-32: exact and independent of the order of shards.
 _FIXED = float(2**32)
@@ -192,14 +192,12 @@ class ConceptPruneStage(ClusteringStage):
                 + svg_bars([str(i) for i in order.index], order["size"].tolist(), "size per cluster") + "</section>")
     Config = ConceptPruneConfig
 
-    @classmethod
-    def passes(cls, config) -> int:
-        return 4
+    OWN_PASSES = ("histogram", "cut")
 
     # ------------------------------------------------------------------ pass 1 -> 2
 
     def after_kmeans(self, state: dict, sample_unit: np.ndarray) -> dict:
-        """Bin edges for pass 2: per cluster, the sample's distance quantiles."""
+        """Bin edges for the histogram pass: per cluster, the sample's distance quantiles."""
         k = state["centroids"].shape[0]
         edges = np.zeros((k, BINS - 1), np.float32)
         if k:
@@ -214,16 +212,16 @@ class ConceptPruneStage(ClusteringStage):
 
     # ------------------------------------------------------------------ scans
 
-    def scan_clustered(self, batch, pass_index, state, rows, x, x_unit, cluster, dist):
+    def scan_clustered(self, batch, pass_name, state, rows, x, x_unit, cluster, dist):
         k = state["centroids"].shape[0]
-        if pass_index == 2:
+        if pass_name == "histogram":
             bins = (state["edges"][cluster] <= dist[:, None]).sum(axis=1) if rows.size else np.zeros(0, np.int64)
             fixed = np.rint(dist.astype(np.float64) * _FIXED).astype(np.int64)
             sums = np.zeros(k, np.int64)
             np.add.at(sums, cluster, fixed)
             flat, counts = np.unique(cluster.astype(np.int64) * BINS + bins, return_counts=True)
             return {"pass": 2, "sums": sums, "flat": flat, "counts": counts.astype(np.int64)}
-        # pass 3: the (distance, uid) pairs in each cluster's cut bin
+        # cut: the (distance, uid) pairs in each cluster's cut bin
         bins = (state["edges"][cluster] <= dist[:, None]).sum(axis=1) if rows.size else np.zeros(0, np.int64)
         sel = np.flatnonzero(bins == state["cut_bin"][cluster])
         uids = np.asarray(batch.column("uid").take(pa.array(rows[sel])).to_pylist(), dtype=str) if sel.size \
@@ -232,8 +230,8 @@ class ConceptPruneStage(ClusteringStage):
         return {"pass": 3, "cluster": cluster[sel], "dist": dist[sel], "uid": uids, "take": state["take"],
                 "top": state["top"]}
 
-    def combine_clustered(self, pass_index: int, parts: list[dict]) -> Any:
-        if pass_index == 2:
+    def combine_clustered(self, pass_name: str, parts: list[dict]) -> Any:
+        if pass_name == "histogram":
             sums = np.sum([p["sums"] for p in parts], axis=0)
             flat = np.concatenate([p["flat"] for p in parts])
             counts = np.concatenate([p["counts"] for p in parts])
@@ -264,10 +262,10 @@ class ConceptPruneStage(ClusteringStage):
 
     # ------------------------------------------------------------------ merges
 
-    def merge_clustered(self, pass_index: int, parts: list, state: Any) -> Any:
+    def merge_clustered(self, pass_name: str, parts: list, state: Any) -> Any:
         c: ConceptPruneConfig = self.config
         k = state["centroids"].shape[0]
-        if pass_index == 2:
+        if pass_name == "histogram":
             hist = np.zeros(k * BINS, np.int64)
             sums = [0] * k  # Python ints: exact whatever the pool size
             for p in parts:
@@ -307,7 +305,8 @@ class ConceptPruneStage(ClusteringStage):
                     "complexity": complexity, "shares": shares, "total": total, "budgets": budgets,
                     "floors": floors,
                     "cut_bin": cut_bin, "take": take, "top": top}
-        # pass 3: exact cut pairs
+        # cut: exact cut pairs
+        parts = list(parts)
         cluster = np.concatenate([p["cluster"] for p in parts]) if parts else np.zeros(0, np.int32)
         dist = np.concatenate([p["dist"] for p in parts]) if parts else np.zeros(0, np.float32)
         uid = np.concatenate([p["uid"].astype(str) for p in parts]) if parts else np.zeros(0, "U1")
@@ -321,7 +320,7 @@ class ConceptPruneStage(ClusteringStage):
         got = np.bincount(cluster[idx], minlength=k) if idx.size else np.zeros(k, np.int64)
         cut = np.flatnonzero(state["cut_bin"] >= 0)
         if (got[cut] != state["take"][cut]).any():
-            raise RuntimeError("concept_prune: a cluster's cut bin held other members in pass 3 than in pass 2")
+            raise RuntimeError("concept_prune: a cluster's cut bin held other members in the cut pass than in the histogram pass")
         # idx is sorted by cluster, then in collection order: each cluster's last pair is its cut
         cl_sorted = cluster[idx]
         last = idx[np.flatnonzero(np.r_[cl_sorted[1:] != cl_sorted[:-1], True])] if idx.size else idx

@@ -2,73 +2,148 @@
 
 Exact-duplicate removal as in LAION-5B and DataComp's pool construction (Gadre et al. 2023,
 which dedups on exact hashes before any model-based filter). Rule: the SHA-256 of each live
-row's image bytes is computed; of every group of rows with the same hash the row with the
-smallest ``uid`` is the representative and is kept, every other member is dropped with
-reason ``exact_dedup`` and ``dup_of`` set to the representative's uid. Because the choice
-depends only on uids, the result is the same for any sharding and worker count.
+row's image bytes is computed (``image_sha256``, its first 16 bytes); of every group of rows
+with the same hash the row with the smallest ``uid`` is the representative and is kept, every
+other member is dropped with reason ``exact_dedup`` and ``dup_of`` set to the representative's
+uid. Because the choice depends only on uids, the result is the same for any sharding and
+worker count.
 
-A global stage: ``scan`` maps hash -> (smallest uid, count) per shard, ``merge`` keeps the
-hashes seen more than once, ``apply`` drops the non-representatives.
+Hash-partitioned, so that no process ever holds the pool (ARCHITECTURE.md, "Global stages at
+scale"): the map part hashes; the scan (reading only ``uid`` and the hash) writes each shard's
+(hash, uid) pairs into ``partitions`` spill files by hash prefix; the driver only sums counts;
+one reduce task per partition resolves it with DuckDB (group by hash, smallest uid) and writes
+that partition's decisions (shard, uid, representative) sorted by shard; ``apply`` reads only
+the rows of its own shard from them (Parquet row-group statistics prune the rest).
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
 
-from pairsift.pipeline.table import mark_dropped, set_column
+from pairsift.pipeline import storage
+from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages.base import GlobalStage, StageConfig
+
+HASH = "image_sha256"
+_SPILL = pa.schema([("hash", pa.binary(16)), ("uid", pa.string()), ("shard", pa.string())])
 
 
 class ExactDedupConfig(StageConfig):
-    pass
+    #: Spill partitions by hash prefix: one reduce task each (fixed, so the output does not
+    #: depend on the cluster). 256 keeps a task's partition near 4M rows per 10^9 samples.
+    partitions: int = Field(256, ge=1, le=65536)
 
 
 def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()[:16]
 
 
-class ExactDedupStage(GlobalStage):
+class ExactDedupStage(GlobalStage[ExactDedupConfig]):
     name = "exact_dedup"
-    Config = ExactDedupConfig
+    scores = ()
 
-    def scan(self, batch: pa.Table) -> dict[bytes, tuple[str, int]]:
-        seen: dict[bytes, tuple[str, int]] = {}
-        for uid, data in zip(batch.column("uid").to_pylist(), batch.column("image").to_pylist()):
-            if data is None:
-                continue
-            h = _digest(data)
-            prev = seen.get(h)
-            seen[h] = (uid, 1) if prev is None else (min(prev[0], uid), prev[1] + 1)
-        return seen
+    def process(self, batch: pa.Table) -> pa.Table:
+        live = live_mask(batch)
+        images = batch.column("image").to_pylist()
+        hashes = [_digest(d) if ok and d is not None else None for ok, d in zip(live, images)]
+        return set_column(batch, HASH, hashes, pa.binary(16))
 
-    def combine(self, partials: list[dict]) -> dict[bytes, tuple[str, int]]:
-        out: dict[bytes, tuple[str, int]] = {}
-        for part in partials:
-            for h, (uid, n) in part.items():
-                prev = out.get(h)
-                out[h] = (uid, n) if prev is None else (min(prev[0], uid), prev[1] + n)
+    def scan_columns(self, pass_name: str) -> tuple[str, ...]:
+        return ("uid", HASH)
+
+    def scan(self, batch: pa.Table, pass_name: str, state: Any) -> pa.Table:
+        live = pa.array(live_mask(batch) & ~np.asarray(batch.column(HASH).is_null().to_numpy(zero_copy_only=False)))
+        rows = batch.filter(live)
+        return pa.table({"hash": rows.column(HASH), "uid": rows.column("uid")})
+
+    def _part_dir(self, p: int) -> str:
+        return storage.join(self.work_dir, "partitions", f"{p:05d}")
+
+    def _decisions(self, p: int) -> str:
+        return storage.join(self.work_dir, "decisions", f"{p:05d}.parquet")
+
+    def combine(self, partials: list[pa.Table], pass_name: str) -> dict:
+        """Spill this shard's (hash, uid) pairs into the partitions by hash prefix."""
+        n = self.config.partitions
+        parts = [t for t in partials if t.num_rows]
+        if not parts:
+            return {"rows": 0}
+        t = pa.concat_tables(parts)
+        hashes = t.column("hash").to_pylist()
+        prefix = np.array([int.from_bytes(h[:4], "big") for h in hashes], dtype=np.uint64)
+        which = (prefix * np.uint64(n)) >> np.uint64(32)  # the top bits: partitions are hash ranges
+        t = t.append_column("shard", pa.array([self.shard.name] * t.num_rows, pa.string()))
+        for p in np.unique(which):
+            rows = t.filter(pa.array(which == p))
+            with storage.atomic_open(storage.join(self._part_dir(int(p)), f"{self.shard.name}.parquet")) as f:
+                pq.write_table(rows.cast(_SPILL), f)
+        return {"rows": t.num_rows, "partitions": np.unique(which).astype(np.int32), "shard": self.shard.name}
+
+    def merge(self, partials, pass_name: str, state: Any) -> dict:
+        rows, spilled = 0, {}
+        for p in partials:
+            rows += p["rows"]
+            for q in p.get("partitions", ()):
+                spilled.setdefault(int(q), []).append(p["shard"])
+        return {"rows": rows, "spilled": spilled}
+
+    def reduce_tasks(self, pass_name: str, state: dict) -> list[tuple[int, list[str]]]:
+        """One task per partition: (partition, the shards that spilled into it)."""
+        return sorted(state.get("spilled", {}).items())
+
+    def reduce(self, pass_name: str, task: tuple[int, list[str]], state: dict) -> dict:
+        """Resolve one partition: every non-representative member of a duplicate group."""
+        import duckdb
+
+        task, shards = task
+        fs, _ = storage.fs_path(self._part_dir(task))
+        files = [storage.fs_path(storage.join(self._part_dir(task), f"{name}.parquet"))[1] for name in shards]
+        con = duckdb.connect()
+        con.register("spill", pq.ParquetDataset(files, filesystem=fs).read())
+        dec = con.sql("""
+            WITH g AS (SELECT hash, min(uid) AS rep, count(*) AS n FROM spill GROUP BY hash HAVING count(*) > 1)
+            SELECT s.shard, s.uid, g.rep FROM spill s JOIN g USING (hash) WHERE s.uid <> g.rep
+            ORDER BY s.shard, s.uid""").fetch_arrow_table()
+        with storage.atomic_open(self._decisions(task)) as f:
+            pq.write_table(dec, f, row_group_size=65536)
+        groups = con.execute("SELECT count(*) FROM (SELECT hash FROM spill GROUP BY hash HAVING count(*) > 1)").fetchone()
+        return {"partition": task, "dropped": dec.num_rows, "groups": int(groups[0])}
+
+    def reduced(self, pass_name: str, state: dict, results: list[dict]) -> dict:
+        return {"rows": state["rows"], "dropped": sum(r["dropped"] for r in results),
+                "groups": sum(r["groups"] for r in results), "partitions": sorted(r["partition"] for r in results),
+                "token": uuid.uuid4().hex}
+
+    def _shard_decisions(self, state: dict) -> dict[str, str]:
+        key = (state.get("token"), self.shard.name)
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        import pyarrow.dataset as ds
+
+        paths = [self._decisions(p) for p in state["partitions"]]
+        out: dict[str, str] = {}
+        if paths:
+            fs, _ = storage.fs_path(paths[0])
+            dataset = ds.dataset([storage.fs_path(p)[1] for p in paths], format="parquet", filesystem=fs)
+            t = dataset.to_table(filter=ds.field("shard") == self.shard.name, columns=["uid", "rep"])
+            out = dict(zip(t.column("uid").to_pylist(), t.column("rep").to_pylist()))
+        self._cached = (key, out)
         return out
 
-    def merge(self, partials: list[dict]) -> dict[bytes, str]:
-        total = self.combine(partials)
-        return {h: uid for h, (uid, n) in total.items() if n > 1}
-
-    def apply(self, batch: pa.Table, state: dict[bytes, str]) -> pa.Table:
-        reasons: list[str | None] = []
-        dup_of: list[str | None] = []
-        for uid, data in zip(batch.column("uid").to_pylist(), batch.column("image").to_pylist()):
-            rep = state.get(_digest(data)) if data is not None else None
-            if rep is not None and rep != uid:
-                reasons.append("exact_dedup")
-                dup_of.append(rep)
-            else:
-                reasons.append(None)
-                dup_of.append(None)
+    def apply(self, batch: pa.Table, state: dict) -> pa.Table:
+        reps = self._shard_decisions(state) if batch.num_rows and state.get("partitions") else {}
+        dup_of = [reps.get(u) for u in batch.column("uid").to_pylist()]
         batch = set_column(batch, "dup_of", dup_of, pa.string())
-        return mark_dropped(batch, reasons, self.name)
+        return mark_dropped(batch, ["exact_dedup" if r is not None else None for r in dup_of], self.name)
 
-    def finalize(self, state: dict[bytes, str], output: str) -> dict[str, Any]:
-        return {"duplicate_groups": len(state)}
+    def finalize(self, state: dict, output: str) -> dict[str, Any]:
+        storage.remove_tree(storage.join(self.work_dir, "partitions"))
+        return {"duplicate_groups": state.get("groups", 0), "duplicates": state.get("dropped", 0)}

@@ -20,20 +20,21 @@ are left alone. Writes ``near_dup_of`` (the earlier member it is most similar to
 ``near_dup_similarity`` on the dropped rows, and ``OUT/semdedup/clusters.parquet`` (size and
 duplicates per cluster).
 
-Three looks at the pool (see :mod:`pairsift.stages.clustering` for the first two): pass 0
-counts, pass 1 gathers the k-means sample and trains the centroids, pass 2 assigns every sample
-and each shard writes its members' (cluster, distance, uid, embedding) sorted by cluster to
-``OUT/_work/semdedup-<stage index>/``. The merge reads those back a range of clusters at a
-time (at most :data:`GATHER_ROWS` members, or one cluster when it is bigger) and compares
-each cluster's members in tiles of ``PAIR_BLOCK`` x ``PAIR_BLOCK`` similarities: the driver's
-memory is bounded by the largest cluster's embeddings, never by the pool, and a 300k-member
-cluster never needs a 300k² matrix. The decisions (dropped uids) are cached beside the spill
-files, which ``finalize`` deletes; ``apply`` only looks uids up.
+Three looks at the pool, and no process ever holds it (see :mod:`pairsift.stages.clustering`
+for the first two): ``count`` counts, ``kmeans`` gathers the k-means sample and trains the
+centroids, ``spill`` assigns every sample and each shard writes its members' (cluster,
+distance, uid, shard, embedding) into ``partitions`` spill folders by range of cluster ids
+(``OUT/_work/semdedup-<stage index>/spill/``); the driver only adds up cluster sizes. Then one
+reduce task per spill partition — in parallel, on any node — reads only its partition, a range
+of clusters at a time (at most :data:`GATHER_ROWS` members, or one cluster when it is bigger),
+compares each cluster's members in tiles of ``PAIR_BLOCK`` x ``PAIR_BLOCK`` similarities (so a
+300k-member cluster never needs a 300k² matrix) and writes its decisions sorted by source
+shard; ``apply`` reads only its own shard's decisions (Parquet statistics prune the rest).
 """
 
 from __future__ import annotations
 
-import hashlib
+import uuid
 from typing import Any
 
 import numpy as np
@@ -56,45 +57,44 @@ class SemDedupConfig(StageConfig):
     eps: float = Field(0.07, gt=0, lt=1)
     kmeans_sample: int = Field(100_000, ge=1)
     kmeans_iterations: int = Field(20, ge=1)
+    #: Spill partitions (contiguous ranges of cluster ids): one parallel reduce task each.
+    partitions: int = Field(64, ge=1)
 
 
-def _digest(*parts: bytes) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    for p in parts:
-        h.update(p)
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
-def _uid_bytes(uids) -> np.ndarray:
-    return np.array([u.encode("utf-8", "surrogateescape") for u in uids], dtype=object)
+def _range_of(clusters: np.ndarray, k: int, parts: int) -> np.ndarray:
+    """The spill partition of each cluster id: ``parts`` contiguous ranges of cluster ids."""
+    return (clusters.astype(np.int64) * parts) // max(k, 1)
 
 
 class SemDedupStage(ClusteringStage):
     name = "semdedup"
     artifacts = ("semdedup",)
     Config = SemDedupConfig
+    OWN_PASSES = ("spill",)
 
-    @classmethod
-    def passes(cls, config) -> int:
-        return 3
+    def _parts(self, k: int) -> int:
+        return max(1, min(k, self.config.partitions))
 
-    @property
-    def work_dir(self) -> str:
-        return storage.join(self.context.output, "_work", f"semdedup-{self.context.index}")
+    def _spill_dir(self, r: int) -> str:
+        return storage.join(self.work_dir, "spill", f"{r:05d}")
 
-    # ------------------------------------------------------------------ pass 2: spill by cluster
+    def _decisions(self, r: int) -> str:
+        return storage.join(self.work_dir, "decisions", f"{r:05d}.parquet")
 
-    def scan_clustered(self, batch, pass_index, state, rows, x, x_unit, cluster, dist):
+    # ------------------------------------------------------------------ spill: by cluster range
+
+    def scan_clustered(self, batch, pass_name, state, rows, x, x_unit, cluster, dist):
         uids = np.asarray(batch.column("uid").take(pa.array(rows)).to_pylist(), dtype=str) if rows.size \
             else np.zeros(0, "U1")
-        return {"pass": 2, "k": state["centroids"].shape[0], "uid": uids, "cluster": cluster, "dist": dist, "emb": x}
+        return {"k": state["centroids"].shape[0], "uid": uids, "cluster": cluster, "dist": dist, "emb": x}
 
-    def combine_clustered(self, pass_index: int, parts: list[dict]) -> dict:
+    def combine_clustered(self, pass_name: str, parts: list[dict]) -> dict:
+        """Write this shard's members into the spill partitions of their cluster ranges, each
+        file sorted by cluster (named by the shard: a retry writes the same file)."""
         k = parts[0]["k"]
         parts = [p for p in parts if p["uid"].size]
         if not parts:
-            return {"pass": 2, "path": None, "counts": np.zeros(k, np.int64)}
+            return {"counts": np.zeros(k, np.int64)}
         uid = np.concatenate([p["uid"].astype(str) for p in parts])
         cluster = np.concatenate([p["cluster"] for p in parts])
         dist = np.concatenate([p["dist"] for p in parts])
@@ -102,66 +102,70 @@ class SemDedupStage(ClusteringStage):
         if emb.dtype != np.float16:
             emb = emb.astype(np.float32)
         order = np.argsort(cluster, kind="stable")
-        table = pa.table({
-            "cluster": pa.array(cluster[order], pa.int32()),
-            "distance": pa.array(dist[order], pa.float32()),
-            "uid": pa.array(uid[order].tolist(), pa.string()),
-            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb[order].reshape(-1)), emb.shape[1]),
-        })
-        # named by the shard's first uid: the same shard (a retry) writes the same file
-        path = storage.join(self.work_dir, f"spill-{_digest(uid[0].encode())}.parquet")
-        with storage.atomic_open(path) as f:
-            pq.write_table(table, f, row_group_size=8192)
-        return {"pass": 2, "path": path, "counts": np.bincount(cluster, minlength=k).astype(np.int64)}
+        uid, cluster, dist, emb = uid[order], cluster[order], dist[order], emb[order]
+        ranges = _range_of(cluster, k, self._parts(k))
+        for r in np.unique(ranges):
+            sel = np.flatnonzero(ranges == r)
+            table = pa.table({
+                "cluster": pa.array(cluster[sel], pa.int32()),
+                "distance": pa.array(dist[sel], pa.float32()),
+                "uid": pa.array(uid[sel].tolist(), pa.string()),
+                "shard": pa.array([self.shard.name] * sel.size, pa.string()),
+                "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb[sel].reshape(-1)), emb.shape[1]),
+            })
+            with storage.atomic_open(storage.join(self._spill_dir(int(r)), f"{self.shard.name}.parquet")) as f:
+                pq.write_table(table, f, row_group_size=8192)
+        return {"counts": np.bincount(cluster, minlength=k).astype(np.int64),
+                "ranges": np.unique(ranges).astype(np.int32), "shard": self.shard.name}
 
-    # ------------------------------------------------------------------ merge: pairwise per cluster
-
-    def merge_clustered(self, pass_index: int, parts: list, state: Any) -> dict:
+    def merge_clustered(self, pass_name: str, parts: list, state: Any) -> dict:
+        """Only the cluster sizes: the pairwise work runs in the reduce tasks."""
         k = state["centroids"].shape[0]
         counts = np.zeros(k, np.int64)
-        spills = sorted(p["path"] for p in parts if p["path"] is not None)
+        spilled: dict[int, list[str]] = {}  # spill partition -> the shards that wrote to it
         for p in parts:
             counts += p["counts"]
-        key = _digest(str(self.config.eps).encode(), counts.tobytes(), *(s.encode() for s in spills))
-        cache = storage.join(self.work_dir, f"decisions-{key}.parquet")
-        if storage.exists(cache):  # a rerun after finalize removed the spill files
-            fs, p = storage.fs_path(cache)
-            decisions = pq.read_table(p, filesystem=fs)
-        else:
-            decisions = self._decide(spills, counts)
-            with storage.atomic_open(cache) as f:
-                pq.write_table(decisions, f)
-        uids = _uid_bytes(decisions.column("uid").to_pylist())
-        order = np.argsort(uids, kind="stable")
-        dups = np.bincount(decisions.column("cluster").to_numpy(), minlength=k) if decisions.num_rows \
-            else np.zeros(k, np.int64)
-        return {
-            "uids": uids[order],
-            "dup_of": np.asarray(decisions.column("near_dup_of").to_pylist(), dtype=object)[order],
-            "similarity": decisions.column("near_dup_similarity").to_numpy()[order],
-            "clusters": pa.table({"cluster_id": pa.array(np.arange(k, dtype=np.int32)),
-                                  "size": pa.array(counts, pa.int64()), "duplicates": pa.array(dups, pa.int64())}),
-            "pool": int(counts.sum()), "sample_size": state["sample_size"], "spills": spills,
-            "centroids": state["centroids"],
-        }
+            for r in p.get("ranges", ()):
+                spilled.setdefault(int(r), []).append(p["shard"])
+        state = {"counts": counts, "pool": int(counts.sum()), "sample_size": state["sample_size"],
+                 "centroids": state["centroids"], "spilled": spilled}
+        if not self.reduce_tasks(pass_name, state):  # nothing spilled: nothing to compare
+            return self._decided(state, [])
+        return state
 
-    def _decide(self, spills: list[str], counts: np.ndarray) -> pa.Table:
-        """Read the spill files a range of clusters at a time and decide each cluster."""
-        out_uid, out_of, out_sim, out_cluster = [], [], [], []
-        limit = np.float32(1.0 - self.config.eps)
-        a = 0
+    # ------------------------------------------------------------------ reduce: pairwise per cluster
+
+    def reduce_tasks(self, pass_name: str, state: dict) -> list[tuple[int, list[str]]]:
+        """One task per spill partition: (partition, the shards that spilled into it)."""
+        if pass_name != "spill":
+            return []
+        return sorted(state.get("spilled", {}).items())
+
+    def reduce(self, pass_name: str, task: tuple[int, list[str]], state: dict) -> dict:
+        """Decide every cluster of one spill partition, a range of clusters at a time (at most
+        :data:`GATHER_ROWS` members, or one bigger cluster), and write the partition's
+        decisions sorted by shard. Returns the duplicates per cluster."""
+        task, shards = task
+        fs, _ = storage.fs_path(self._spill_dir(task))
+        files = [storage.fs_path(storage.join(self._spill_dir(task), f"{name}.parquet"))[1] for name in shards]
+        counts = state["counts"]
         k = counts.size
-        while a < k:
-            b, held = a, 0
-            while b < k and (b == a or held + counts[b] <= GATHER_ROWS):
-                held += counts[b]
-                b += 1
+        ids = np.flatnonzero(_range_of(np.arange(k), k, self._parts(k)) == task)
+        limit = np.float32(1.0 - self.config.eps)
+        out_uid, out_of, out_sim, out_cluster, out_shard = [], [], [], [], []
+        i = 0
+        while i < ids.size:
+            j, held = i, 0
+            while j < ids.size and (j == i or held + counts[ids[j]] <= GATHER_ROWS):
+                held += counts[ids[j]]
+                j += 1
+            a, b = int(ids[i]), int(ids[j - 1]) + 1
             if held > 1:
-                members = self._read_clusters(spills, a, b)
+                members = self._read_clusters(fs, files, a, b)
                 c = members.column("cluster").to_numpy()
                 starts = np.searchsorted(c, np.arange(a, b + 1))
-                for j in range(a, b):
-                    lo, hi = starts[j - a], starts[j - a + 1]
+                for cl in range(a, b):
+                    lo, hi = starts[cl - a], starts[cl - a + 1]
                     if hi - lo < 2:
                         continue
                     part = members.slice(lo, hi - lo)
@@ -171,28 +175,47 @@ class SemDedupStage(ClusteringStage):
                     dup = np.flatnonzero(best > limit)  # float32 on both sides, as in the reference
                     if dup.size:
                         uid = np.asarray(part.column("uid").to_pylist(), dtype=object)
+                        shard = np.asarray(part.column("shard").to_pylist(), dtype=object)
                         out_uid.extend(uid[dup])
                         out_of.extend(uid[arg[dup]])
+                        out_shard.extend(shard[dup])
                         out_sim.append(best[dup])
-                        out_cluster.append(np.full(dup.size, j, np.int32))
-            a = b
-        return pa.table({
+                        out_cluster.append(np.full(dup.size, cl, np.int32))
+            i = j
+        decisions = pa.table({
+            "shard": pa.array(out_shard, pa.string()),
             "uid": pa.array(out_uid, pa.string()),
             "near_dup_of": pa.array(out_of, pa.string()),
             "near_dup_similarity": pa.array(np.concatenate(out_sim) if out_sim else np.zeros(0, np.float32), pa.float32()),
             "cluster": pa.array(np.concatenate(out_cluster) if out_cluster else np.zeros(0, np.int32), pa.int32()),
-        })
+        }).sort_by([("shard", "ascending"), ("uid", "ascending")])
+        with storage.atomic_open(self._decisions(task)) as f:
+            pq.write_table(decisions, f, row_group_size=65536)
+        dups = np.bincount(decisions.column("cluster").to_numpy(), minlength=k) if decisions.num_rows \
+            else np.zeros(k, np.int64)
+        nz = np.flatnonzero(dups)
+        return {"partition": task, "clusters": nz.astype(np.int32), "duplicates": dups[nz].astype(np.int64)}
+
+    def reduced(self, pass_name: str, state: dict, results: list[dict]) -> dict:
+        return self._decided(state, results)
+
+    def _decided(self, state: dict, results: list[dict]) -> dict:
+        k = state["counts"].size
+        dups = np.zeros(k, np.int64)
+        for r in results:
+            dups[r["clusters"]] += r["duplicates"]
+        clusters = pa.table({"cluster_id": pa.array(np.arange(k, dtype=np.int32)),
+                             "size": pa.array(state["counts"], pa.int64()), "duplicates": pa.array(dups, pa.int64())})
+        parts = sorted(r["partition"] for r in results)
+        return {"token": uuid.uuid4().hex, "clusters": clusters, "pool": state["pool"], "duplicates": int(dups.sum()),
+                "sample_size": state["sample_size"], "partitions": parts, "centroids": state["centroids"]}
 
     @staticmethod
-    def _read_clusters(spills: list[str], a: int, b: int) -> pa.Table:
-        """Members of clusters [a, b) from every spill file, each cluster in the paper's order:
-        farthest from the centroid first, then by uid."""
+    def _read_clusters(fs, files: list[str], a: int, b: int) -> pa.Table:
+        """Members of clusters [a, b) from the partition's spill files, each cluster in the
+        paper's order: farthest from the centroid first, then by uid."""
         parts = []
-        for path in spills:
-            fs, p = storage.fs_path(path)
-            if not fs.exists(p):
-                raise RuntimeError(f"semdedup: the pass-2 spill file {path} is gone and no decisions are cached "
-                                   f"for it; rerun the job with --restart")
+        for p in files:
             t = pq.read_table(p, filesystem=fs, filters=[("cluster", ">=", a), ("cluster", "<", b)])
             if t.num_rows:
                 parts.append(t)
@@ -201,23 +224,38 @@ class SemDedupStage(ClusteringStage):
 
     # ------------------------------------------------------------------ apply
 
+    def _shard_decisions(self, state: dict) -> dict[str, tuple[str, float]]:
+        key = (state["token"], self.shard.name)
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        import pyarrow.dataset as ds
+
+        out: dict[str, tuple[str, float]] = {}
+        paths = [self._decisions(r) for r in state["partitions"]]
+        if paths:
+            fs, _ = storage.fs_path(paths[0])
+            dataset = ds.dataset([storage.fs_path(p)[1] for p in paths], format="parquet", filesystem=fs)
+            t = dataset.to_table(filter=ds.field("shard") == self.shard.name,
+                                 columns=["uid", "near_dup_of", "near_dup_similarity"])
+            out = {u: (o, s) for u, o, s in zip(t.column("uid").to_pylist(), t.column("near_dup_of").to_pylist(),
+                                                 t.column("near_dup_similarity").to_pylist())}
+        self._cached = (key, out)
+        return out
+
     def apply(self, batch: pa.Table, state: dict) -> pa.Table:
         n = batch.num_rows
         reasons: list[str | None] = [None] * n
         dup_of: list[str | None] = [None] * n
         sim = np.zeros(n, np.float32)
         hit = np.zeros(n, bool)
-        live = np.flatnonzero(live_mask(batch)) if n else np.zeros(0, np.int64)
-        if live.size and state["uids"].size:
-            uids = _uid_bytes(batch.column("uid").take(pa.array(live)).to_pylist())
-            pos = np.searchsorted(state["uids"], uids)
-            pos_ok = np.minimum(pos, state["uids"].size - 1)
-            found = (pos < state["uids"].size) & (state["uids"][pos_ok] == uids)
-            for r, q in zip(live[found], pos_ok[found]):
-                reasons[r] = self.name
-                dup_of[r] = state["dup_of"][q]
-                sim[r] = state["similarity"][q]
-                hit[r] = True
+        if n:
+            decided = self._shard_decisions(state)
+            live = live_mask(batch)
+            for r, u in enumerate(batch.column("uid").to_pylist()):
+                d = decided.get(u) if live[r] else None
+                if d is not None:
+                    reasons[r], dup_of[r], sim[r], hit[r] = self.name, d[0], d[1], True
         batch = set_column(batch, "near_dup_of", dup_of, pa.string())
         batch = set_column(batch, "near_dup_similarity", pa.array(sim, mask=~hit), pa.float32())
         return mark_dropped(batch, reasons, self.name)
@@ -225,9 +263,5 @@ class SemDedupStage(ClusteringStage):
     def finalize(self, state: dict, output: str) -> dict:
         with storage.atomic_open(storage.join(output, "semdedup", "clusters.parquet")) as f:
             pq.write_table(state["clusters"], f, compression="zstd")
-        for path in state["spills"]:  # the decisions are cached; the embeddings are not needed again
-            fs, p = storage.fs_path(path)
-            if fs.exists(p):
-                fs.rm(p)
-        return {"pool": state["pool"], "duplicates": int(state["uids"].size), "clusters": state["clusters"].num_rows,
+        return {"pool": state["pool"], "duplicates": state["duplicates"], "clusters": state["clusters"].num_rows,
                 "eps": self.config.eps, "kmeans_sample": int(state["sample_size"])}

@@ -17,8 +17,8 @@ class TwoPass(GlobalStage):
     Config = TwoPassConfig
 
     @classmethod
-    def passes(cls, config) -> int:
-        return 2
+    def passes(cls, config) -> tuple[str, ...]:
+        return ("kmeans", "ranks")
 
 
 def _shape(phases):
@@ -49,6 +49,24 @@ def test_multi_pass_stage_gets_scan_only_phases():
         ([(name, "apply"), ("exact_dedup", "process")], 2, 0, True, 0, False),
         ([("exact_dedup", "apply")], None, 0, True, 2, True),
     ]
+    assert [p.label for p in phases] == [f"ingest+quality+{name}+kmeans", "ranks", f"{name}+exact_dedup+scan",
+                                         "exact_dedup"]
+    assert [p.last_pass for p in phases[:3]] == [False, True, True]
+
+
+class Twice(TwoPass):
+    name = "two_pass_twice"
+
+    @classmethod
+    def passes(cls, config):
+        return ("a", "a")
+
+
+def test_passes_must_be_named_once():
+    import pytest
+
+    with pytest.raises(ValueError, match="must name each pass once"):
+        plan_phases([(f"{__name__}:Twice", None)])
 
 
 def test_phase_batch_rows_takes_the_largest_hint_within_bounds():

@@ -135,7 +135,8 @@ def test_apply_phase_asks_only_for_its_map_parts():
         {"quality": {}}, {"clip_score": {"model": "ViT-B-32", "pretrained": "random", "top_fraction": 0.3}}])
     for cluster, gpus in (({"CPU": 2.0}, 0.0), ({"CPU": 16.0, "GPU": 2.0}, 1.0)):
         stages = [get_stage_class(e.name)(e.config, StageContext(extras={"cluster": cluster})) for e in spec.stages]
-        first, cut = plan_phases(spec.stages)
+        first, narrow, cut = plan_phases(spec.stages)  # score + histogram, the cut bin's pass, apply
         scoring = _phase_resources(stages, first)
         assert scoring["num_gpus"] == gpus and scoring["num_cpus"] >= (2.0 if not gpus else 1.0)
+        assert _phase_resources(stages, narrow) == {"num_cpus": 1.0, "num_gpus": 0.0}  # reads stored scores
         assert _phase_resources(stages, cut) == {"num_cpus": 1.0, "num_gpus": 0.0}

@@ -1,15 +1,12 @@
-"""Run a global stage in-process the way the runner does, over shards given as lists of
-batches: for each pass, ``scan_pass`` per batch, ``combine`` per shard, ``merge_pass`` over the
-shards (with the previous pass's state), then ``finalize`` and ``apply`` per batch. Partials
-go through pickle as they do through the ledger."""
+"""Synthetic rows for global-stage tests, and ``drive``: a global stage run in-process over
+shards given as lists of batches, by the engine's own pass loop."""
 
 from __future__ import annotations
-
-import pickle
 
 import numpy as np
 import pyarrow as pa
 
+from pairsift.pipeline.runner import run_global_stage
 from pairsift.pipeline.table import BASE_SCHEMA
 
 
@@ -53,15 +50,6 @@ def split(table: pa.Table, shard_sizes: list[int], batch_size: int) -> list[list
 
 
 def drive(stage, shards: list[list[pa.Table]], output: str | None = None) -> tuple[object, pa.Table, dict]:
-    """(final state, the applied rows of every shard concatenated, finalize's facts)."""
-    state = None
-    for p in range(type(stage).passes(stage.config)):
-        partials = []
-        for batches in shards:
-            part = stage.combine([stage.scan_pass(b, p, state) for b in batches])
-            partials.append(pickle.loads(pickle.dumps(part)))
-        state = stage.merge_pass(partials, p, state)
-    facts = stage.finalize(state, output or stage.context.output)
-    state = pickle.loads(pickle.dumps(state))
-    out = [stage.apply(b, state) for batches in shards for b in batches]
-    return state, pa.concat_tables(out, promote_options="permissive"), facts
+    """(final state, the applied rows of every shard concatenated, finalize's facts): the
+    engine's own in-memory driver (:func:`pairsift.pipeline.runner.run_global_stage`)."""
+    return run_global_stage(stage, shards, output)

@@ -261,9 +261,9 @@ def _scored_table(scores: list[float | None], uids: list[str], live: list[bool] 
 def _top_fraction(table: pa.Table, fraction: float, shard_size: int) -> set[str]:
     stage = ClipScoreStage(ClipScoreConfig(model="ViT-B-32", pretrained="random", top_fraction=fraction))
     shards = [table.slice(i, shard_size) for i in range(0, table.num_rows, shard_size)]
-    partials = [stage.combine([stage.scan(s.slice(j, 3)) for j in range(0, s.num_rows, 3)]) for s in shards]
-    state = stage.merge(partials)
-    out = pa.concat_tables([stage.apply(s, state) for s in shards])
+    from pairsift.pipeline.runner import run_global_stage
+
+    state, out, _ = run_global_stage(stage, [[s.slice(j, 3) for j in range(0, s.num_rows, 3)] for s in shards])
     assert out.num_rows == table.num_rows
     return {u for u, r in zip(out.column("uid").to_pylist(), out.column("drop_reason").to_pylist()) if r is None}
 

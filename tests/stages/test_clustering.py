@@ -94,9 +94,9 @@ def test_blocked_max_similarity_to_earlier_matches_the_dense_upper_triangle():
 
 def _sample_state(stage, shards):
     state = None
-    for p in (0, 1):
-        partials = [stage.combine([stage.scan_pass(b, p, state) for b in batches]) for batches in shards]
-        state = stage.merge_pass(partials, p, state)
+    for p in ("count", "kmeans"):
+        partials = [stage.combine([stage.scan(b, p, state) for b in batches], p) for batches in shards]
+        state = stage.merge(partials, p, state)
     return state
 
 
@@ -111,15 +111,15 @@ def test_kmeans_sample_is_the_smallest_hashes_whatever_the_sharding(tmp_path):
     for sizes, batch in (([900], 256), ([1, 299, 0, 400, 200], 64)):
         shards = split(table, sizes, batch)
         state = None
-        partials = [stage.combine([stage.scan_pass(b, 0, state) for b in bs]) for bs in shards]
-        state = stage.merge_pass(partials, 0, state)
+        partials = [stage.combine([stage.scan(b, "count", state) for b in bs], "count") for bs in shards]
+        state = stage.merge(partials, "count", state)
         assert state["count"] == n
-        partials = [stage.combine([stage.scan_pass(b, 1, state) for b in bs]) for bs in shards]
+        partials = [stage.combine([stage.scan(b, "kmeans", state) for b in bs], "kmeans") for bs in shards]
         sample = stage._sample_union([p for p in partials if p], 200)
         keys = sample_keys(7, "concept_prune", uids)
         expected = {uids[i] for i in np.argsort(keys)[:200]}
         assert set(sample["uids"].tolist()) == expected
-        seen.append(stage.merge_pass(partials, 1, state)["centroids"])
+        seen.append(stage.merge(partials, "kmeans", state)["centroids"])
     assert seen[0].shape == (5, 24)
     assert seen[0].tobytes() == seen[1].tobytes()
     other = _sample_state(ConceptPruneStage(stage.config, StageContext(seed=8)), split(table, [900], 256))

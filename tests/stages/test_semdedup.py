@@ -118,23 +118,34 @@ def test_deterministic_invariant_to_sharding_and_to_the_tiling(tmp_path, monkeyp
     assert 40 <= first.column("drop_reason").to_pylist().count("semdedup") <= 50
 
 
-def test_spill_files_are_removed_and_a_rerun_merges_from_the_cached_decisions(tmp_path):
+def test_spill_partitions_reduce_tasks_and_per_shard_decisions(tmp_path):
+    """The pairwise work runs in one reduce task per spill partition (a range of cluster ids);
+    each writes its decisions sorted by shard, and apply reads its own shard's. The decisions
+    do not depend on how many partitions (so tasks) there are."""
+    import pyarrow.parquet as pq
+
+    from pairsift.stages.semdedup import SemDedupConfig, SemDedupStage
+
     x, uids = _pool(seed=4)
     table = base_rows(uids, {"image_emb": embedding_array(x)})
-    stage = _stage(tmp_path)
-    shards = split(table, [300, 380], 128)
-    state = None
-    partials = {}
-    for p in range(3):
-        partials[p] = [stage.combine([stage.scan_pass(b, p, state) for b in bs]) for bs in shards]
-        state = stage.merge_pass(partials[p], p, state)
-    work = tmp_path / "_work" / "semdedup-0"
-    assert len(list(work.glob("spill-*.parquet"))) == 2
-    stage.finalize(state, str(tmp_path))
-    assert not list(work.glob("spill-*.parquet")) and list(work.glob("decisions-*.parquet"))
-    assert (tmp_path / "semdedup" / "clusters.parquet").exists()
-    again = stage.merge_pass(partials[2], 2, stage.merge_pass(partials[1], 1, stage.merge_pass(partials[0], 0, None)))
-    assert again["uids"].tolist() == state["uids"].tolist() and len(state["uids"]) == 50
+    results = {}
+    for parts in (1, 3, 64):
+        out_dir = tmp_path / f"p{parts}"
+        stage = SemDedupStage(SemDedupConfig(clusters=8, eps=0.05, kmeans_sample=500, partitions=parts),
+                              StageContext(seed=0, output=str(out_dir)))
+        state, out, facts = drive(stage, split(table, [300, 380], 128))
+        work = out_dir / "_work" / "semdedup-0"
+        spills = sorted(p.relative_to(work / "spill").as_posix() for p in (work / "spill").rglob("*.parquet"))
+        assert {s.split("/")[1] for s in spills} == {"000000.parquet", "000001.parquet"}  # one file per shard and range
+        assert len({s.split("/")[0] for s in spills}) == min(parts, 8)
+        decisions = [pq.read_table(p) for p in sorted((work / "decisions").glob("*.parquet"))]
+        assert len(decisions) == len(state["partitions"]) == min(parts, 8)
+        for d in decisions:
+            assert d.column("shard").to_pylist() == sorted(d.column("shard").to_pylist())
+        assert sum(d.num_rows for d in decisions) == facts["duplicates"] == 50
+        assert (out_dir / "semdedup" / "clusters.parquet").exists()
+        results[parts] = _dropped(out)
+    assert results[1] == results[3] == results[64]
 
 
 def test_apply_on_an_empty_batch_and_rows_without_embeddings(tmp_path):

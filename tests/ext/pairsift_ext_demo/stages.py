@@ -46,16 +46,19 @@ class BrightnessStage(GlobalStage[BrightnessConfig]):
         device = os.environ.get("CUDA_VISIBLE_DEVICES")
         return set_column(batch, "brightness_gpu", [device] * batch.num_rows, pa.string())
 
-    def scan(self, batch: pa.Table) -> np.ndarray:
+    def scan(self, batch: pa.Table, pass_name: str, state) -> np.ndarray:
         v = batch.column("brightness").to_numpy(zero_copy_only=False)
         v = v[~np.isnan(v.astype(float))] if len(v) else v
         return np.histogram(v.astype(float), bins=16, range=(0, 256))[0]
 
-    def combine(self, partials: list[np.ndarray]) -> np.ndarray:
+    def combine(self, partials: list[np.ndarray], pass_name: str) -> np.ndarray:
         return np.sum(partials, axis=0) if partials else np.zeros(16, dtype=np.int64)
 
-    def merge(self, partials: list[np.ndarray]) -> np.ndarray:
-        return np.sum(partials, axis=0)
+    def merge(self, partials, pass_name: str, state) -> np.ndarray:
+        total = np.zeros(16, dtype=np.int64)
+        for p in partials:  # streamed from the ledger
+            total += p
+        return total
 
     def apply(self, batch: pa.Table, state: np.ndarray) -> pa.Table:
         v = batch.column("brightness").to_pylist()
