@@ -31,7 +31,7 @@ from pairsift.pipeline.spec import JobSpec
 from pairsift.pipeline.worker import run_phase_shard
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import GlobalStage, StageContext, as_resources
-from pairsift.stages.ingest import InputShard, discover
+from pairsift.pipeline.ingest import InputShard, discover
 
 log = logging.getLogger("pairsift")
 
@@ -60,7 +60,7 @@ def preflight(spec: JobSpec, restart: bool = False) -> list:
     if spec.input.format != "urls":
         discover(spec.input)  # raises ConfigError for missing inputs or columns
     else:
-        from pairsift.stages.download import check_url_lists
+        from pairsift.pipeline.urllists import check_url_lists
 
         check_url_lists(spec.input)
     job_file = layout.job_file(spec.output)
@@ -125,7 +125,7 @@ def run_job(spec: JobSpec, restart: bool = False, executor: Executor | str | Non
 
 def _input_shards(spec: JobSpec, executor: Executor) -> list[InputShard]:
     if spec.input.format == "urls":
-        from pairsift.stages.download import prepare_downloads
+        from pairsift.pipeline.urllists import prepare_downloads
 
         return prepare_downloads(spec, processes=int(executor.cluster()["CPU"]))
     return discover(spec.input)

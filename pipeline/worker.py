@@ -23,7 +23,7 @@ from pairsift.pipeline.plan import Phase
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import Stage, StageContext
-from pairsift.stages.ingest import InputShard, input_schema, read_shard
+from pairsift.pipeline.ingest import InputShard, input_schema, read_shard
 
 log = logging.getLogger("pairsift.worker")
 if os.environ.get("PAIRSIFT_LOG_LEVEL") and not log.handlers:  # inside a Ray worker

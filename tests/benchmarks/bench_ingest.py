@@ -35,7 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import make_job  # noqa: E402
-from pairsift.stages.ingest import discover, read_shard  # noqa: E402
+from pairsift.pipeline.ingest import discover, read_shard  # noqa: E402
 
 
 def _shard(samples: int, image_kb: int) -> bytes:

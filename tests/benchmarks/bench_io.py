@@ -195,7 +195,7 @@ def cpu_per_sample(input_dir: str, urls: list[str], work: str, shard_size: int, 
     from pairsift.pipeline.emit import plan_emit, write_emit_shard
     from pairsift.pipeline.plan import plan_phases
     from pairsift.pipeline.worker import run_phase_shard, work_path
-    from pairsift.stages.ingest import discover
+    from pairsift.pipeline.ingest import discover
 
     out = os.path.join(work, "cpu-plain")
     run_plain(urls[:1], out, shard_size)  # warm-up
@@ -228,7 +228,7 @@ def profile_one_shard(input_dir: str, output: str, shard_size: int, num_cpus: in
     from pairsift.pipeline.emit import plan_emit, write_emit_shard
     from pairsift.pipeline.plan import plan_phases
     from pairsift.pipeline.worker import run_phase_shard, work_path
-    from pairsift.stages.ingest import discover
+    from pairsift.pipeline.ingest import discover
 
     spec = make_spec(input_dir, output, shard_size, num_cpus)
     phase = plan_phases(spec.stages)[-1]

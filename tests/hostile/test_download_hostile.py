@@ -20,7 +20,7 @@ from pairsift.cli import main as cli_main
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.runner import run_job
 from pairsift.pipeline.table import make_uid
-from pairsift.stages.download import check_url_lists, read_url_list
+from pairsift.pipeline.urllists import check_url_lists, read_url_list
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

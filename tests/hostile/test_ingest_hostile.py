@@ -28,7 +28,7 @@ from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.runner import run_job
 from pairsift.pipeline.spec import load_job
 from pairsift.pipeline.table import make_uid
-from pairsift.stages.ingest import discover, read_shard
+from pairsift.pipeline.ingest import discover, read_shard
 
 QUALITY = [{"quality": {"min_side": 16}}]
 

@@ -37,7 +37,7 @@ from conftest import make_job
 from hostile_inputs import (Member, altered_stored_gzip, bad_crc, corrupt_row_group, group_starts, gzipped,
                             invalid_utf8_strings, jpeg, write_tar)
 from pairsift.pipeline.runner import run_job
-from pairsift.stages.ingest import INGEST_REASONS, safe_text
+from pairsift.pipeline.ingest import INGEST_REASONS, safe_text
 
 EXAMPLES = int(os.environ.get("PAIRSIFT_HOSTILE_EXAMPLES", "40"))
 CAPS = {"max_image_bytes": 20_000, "max_text_bytes": 300}

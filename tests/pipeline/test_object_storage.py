@@ -64,7 +64,7 @@ def s3_env():
 def _input_uids(folder) -> list[str]:
     """The uids ingest gives the local pool: an s3:// copy must give the same ones."""
     from pairsift.pipeline.spec import InputSpec
-    from pairsift.stages.ingest import discover, read_shard
+    from pairsift.pipeline.ingest import discover, read_shard
 
     spec = InputSpec(format="webdataset", path=str(folder))
     return [u for sh in discover(spec) for t in read_shard(sh, spec, 256, []) for u in t.column("uid").to_pylist()]
@@ -90,14 +90,14 @@ def test_s3_input_and_output_end_to_end(s3_env, sample_pool, tmp_path):
 
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "55 pairs in, 50 kept, 5 rejected" in r.stdout
+    assert "78 pairs in, 73 kept, 5 rejected" in r.stdout
     assert list(tmp_path.iterdir()) == [job], "nothing is written locally"
 
     fs = s3fs.S3FileSystem()  # reads the same environment
     root = f"{BUCKET}/out"
     manifest = json.loads(fs.cat(f"{root}/manifest.json"))
-    assert manifest["counts"]["input"] == len(pool_samples()) == 55
-    assert (manifest["counts"]["kept"], manifest["counts"]["rejected"]) == (50, 5)
+    assert manifest["counts"]["input"] == len(pool_samples()) == 78
+    assert (manifest["counts"]["kept"], manifest["counts"]["rejected"]) == (73, 5)
     assert [i["path"] for i in manifest["inputs"]] == [f"s3://{BUCKET}/pool/{p.name}" for p in tars]
 
     shards = fs.glob(f"{root}/shards/*.tar")
@@ -113,7 +113,7 @@ def test_s3_input_and_output_end_to_end(s3_env, sample_pool, tmp_path):
         "bad_aspect", "decode_error", "empty_caption", "exact_dedup", "too_small"]
     # Every input uid exactly once in kept ∪ rejected, and the same uids as the local pool
     # (uids hash the path relative to the input root, not the URL).
-    assert len(kept) == 50 and len(dropped) == 5 and not set(kept) & set(dropped)
+    assert len(kept) == 73 and len(dropped) == 5 and not set(kept) & set(dropped)
     assert sorted(kept + dropped) == sorted(_input_uids(sample_pool))
 
     in_tars = set()

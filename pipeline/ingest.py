@@ -1,4 +1,4 @@
-"""Stage ``ingest``: raw (image, caption) pairs from WebDataset tars, Parquet, folders and
+"""Input readers (the engine's I/O, not a stage): raw (image, caption) pairs from WebDataset tars, Parquet, folders and
 URL lists, as rows of :data:`pairsift.pipeline.table.BASE_SCHEMA`.
 
 Every input file (or chunk of a folder, or img2dataset download shard) is one input shard.
@@ -755,7 +755,7 @@ def read_shard(shard: InputShard, input_spec, batch_size: int, errors: list[str]
     """Batches of base-schema rows from one input shard; source problems go to ``errors``."""
     errors.extend(shard.notes)
     if shard.kind == "download":
-        from pairsift.stages.download import read_download_shard
+        from pairsift.pipeline.urllists import read_download_shard
 
         return read_download_shard(shard, input_spec, batch_size, errors)
     return READERS[shard.kind](shard, input_spec, batch_size, errors)

@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError, JobError
-from pairsift.stages.ingest import (InputShard, Limits, TooLarge, _list_files, _RowBuffer, as_pylist,
+from pairsift.pipeline.ingest import (InputShard, Limits, TooLarge, _list_files, _RowBuffer, as_pylist,
                                     check_column_type, decode_caption, is_text_type, parquet_batches, safe_text)
 
 LIST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".txt")
@@ -356,7 +356,7 @@ def _run_img2dataset(spec, urls_dir: str, dl_dir: str, digits: int, processes: i
     )
     env = {**os.environ, **_QUIET_ENV}
     with tempfile.TemporaryFile() as log:
-        rc = subprocess.call([sys.executable, "-m", "pairsift.stages.download", json.dumps(kwargs)],
+        rc = subprocess.call([sys.executable, "-m", "pairsift.pipeline.urllists", json.dumps(kwargs)],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.seek(0)
         text = log.read()

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import make_job, shared_path
 from pairsift.pipeline.runner import run_job
 from pairsift.pipeline.table import make_uid
-from pairsift.stages.ingest import InputShard, discover, read_shard
+from pairsift.pipeline.ingest import InputShard, discover, read_shard
 
 
 def _jpeg(color=(200, 30, 30), size=(96, 80)) -> bytes:

@@ -22,8 +22,8 @@ from conftest import make_job
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.runner import run_job
 from pairsift.pipeline.table import make_uid
-from pairsift.stages.download import check_url_lists, prepare_downloads, read_download_shard, read_url_list
-from pairsift.stages.ingest import InputShard
+from pairsift.pipeline.urllists import check_url_lists, prepare_downloads, read_download_shard, read_url_list
+from pairsift.pipeline.ingest import InputShard
 
 
 def _image(fmt: str, size: tuple[int, int], seed: int) -> bytes:

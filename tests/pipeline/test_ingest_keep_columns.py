@@ -10,7 +10,7 @@ import pytest
 from conftest import make_job
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA
-from pairsift.stages.ingest import discover, input_schema, read_shard
+from pairsift.pipeline.ingest import discover, input_schema, read_shard
 
 
 def _source(path, n=10):
