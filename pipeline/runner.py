@@ -303,7 +303,8 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
                  count_rows=lambda r: r["samples"])
     emitted = [ledger.summary("emit", t.name) for t in tasks]
     phase_times.append({"phase": "emit", "seconds": round(time.perf_counter() - t0, 3), "shards": len(tasks),
-                        "shards_run": len(todo), "samples": sum(e["samples"] for e in emitted)})
+                        "shards_run": len(todo), "samples": sum(e["samples"] for e in emitted),
+                        "bytes_written": sum(e.get("bytes", 0) for e in emitted), "driver_rss_peak_mb": _driver_rss_mb()})
 
     # Read errors are found where the sources are read: the first phase.
     source_errors = [s.get("source_errors", []) for s in summaries[phases[0].index]]
@@ -374,11 +375,23 @@ def _phase_resources(stages: list, phase: Phase) -> dict:
 
 def _phase_timing(phase: Phase, summaries: list[dict], wall: float, ran: int) -> dict:
     t: Counter = Counter()
+    io = {"bytes_read": 0, "bytes_written": 0, "worker_rss_peak_mb": 0.0}
     for s in summaries:
         t.update(s.get("timings", {}))
+        facts = s.get("io") or {}
+        io["bytes_read"] += facts.get("bytes_read", 0)
+        io["bytes_written"] += facts.get("bytes_written", 0)
+        io["worker_rss_peak_mb"] = max(io["worker_rss_peak_mb"], facts.get("rss_peak_mb", 0.0))
     rows = sum(s["rows"] for s in summaries)
     return {"phase": phase.label, "seconds": round(wall, 3), "shards": len(summaries), "shards_run": ran,
-            "samples": rows, "worker_seconds": {k: round(v, 3) for k, v in sorted(t.items())}}
+            "samples": rows, "worker_seconds": {k: round(v, 3) for k, v in sorted(t.items())}, **io,
+            "driver_rss_peak_mb": _driver_rss_mb()}
+
+
+def _driver_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 __all__ = ["run_job", "preflight", "JobResult", "format_summary"]

@@ -118,6 +118,23 @@ def _codecs(schema: pa.Schema) -> dict[str, str]:
     return {p: ("NONE" if f.name == "image" else "ZSTD") for f in schema for p in _leaf_paths(f.name, f.type)}
 
 
+def _size(path: str) -> int:
+    try:
+        fs, p = storage.fs_path(path)
+        return int(fs.size(p) or 0) if fs.exists(p) and not fs.isdir(p) else 0
+    except Exception:  # noqa: BLE001 - a figure for the benchmarks, never a failure
+        return 0
+
+
+def _io_facts(read: str, written: list[str], rejected: list[str]) -> dict[str, int]:
+    """Bytes this task read and wrote (file sizes) and the worker process's peak RSS so far,
+    for ``tests/benchmarks/bench_scale.py`` and the report's throughput table."""
+    import resource
+
+    return {"bytes_read": _size(read), "bytes_written": sum(_size(p) for p in written + rejected),
+            "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, Any],
                   extras: dict | None) -> tuple[pa.Schema, dict[int, list[list[str]]]]:
     """The phase's output schema (its stages run on an empty batch of the input schema), and
@@ -320,6 +337,8 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         "source_errors": source_errors,
         "columns": {str(k): v for k, v in added.items()},
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "io": _io_facts(shard.path if phase.first else work_path(out, phase.input_phase, name),
+                        [keep_path] if phase.writes else [], [rejected_path(out, name)] if phase.final else []),
     }
     Ledger(out).commit(phase.step_name, name, summary, partial)
     log.info("phase %s [%s]: shard %s committed: %d rows, %d kept", phase.index, phase.label, name, rows_in, kept)
