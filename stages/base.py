@@ -159,6 +159,14 @@ class Stage(Generic[ConfigT]):
         return Resources(cpus=self.num_cpus, gpus=self.num_gpus)
 
     @classmethod
+    def needs_pixels(cls, config: StageConfig) -> bool:
+        """Whether this configuration reads the ``image`` bytes. A phase whose stages need none
+        gets no image bytes (the worker does not read them), and with URL lists the stages
+        before the first one that needs pixels run before anything is downloaded. Default True:
+        a stage that says nothing gets the bytes."""
+        return True
+
+    @classmethod
     def caption_column(cls, config: StageConfig) -> str | None:
         """The column this configuration writes that ``emit.caption_policy`` may put in each
         sample's .txt instead of the alt text (a recaption); None if it writes none."""

@@ -245,6 +245,10 @@ class ClusteringStage(GlobalStage):
     def passes(cls, config) -> tuple[str, ...]:
         return ("count", "kmeans") + cls.OWN_PASSES
 
+    @classmethod
+    def needs_pixels(cls, config) -> bool:
+        return False  # it reads an embedding column only
+
     def scan_columns(self, pass_name: str) -> tuple[str, ...]:
         return ("uid", self.config.embedding)
 

@@ -46,6 +46,10 @@ class FaultInjectionStage(Stage):
     def resources(self) -> dict[str, float]:
         return {"num_cpus": self.num_cpus, "num_gpus": self.config.num_gpus}
 
+    @classmethod
+    def needs_pixels(cls, config) -> bool:
+        return False  # captions and sources only
+
     def process(self, batch: pa.Table) -> pa.Table:
         c: FaultConfig = self.config
         if c.fail_on_empty_batch and not batch.num_rows:

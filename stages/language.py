@@ -100,6 +100,10 @@ class LanguageStage(Stage):
     name = "language"
     Config = LanguageConfig
 
+    @classmethod
+    def needs_pixels(cls, config) -> bool:
+        return False  # captions only
+
     def __init__(self, config: LanguageConfig, context=None):
         super().__init__(config, context)
         self._identifier: Identifier | None = None

@@ -101,6 +101,10 @@ class MetaClipStage(GlobalStage):
     artifacts = ("metaclip",)
 
     @classmethod
+    def needs_pixels(cls, config) -> bool:
+        return False  # it reads captions / stored columns only
+
+    @classmethod
     def stats_section(cls, output: str, con) -> list[str]:
         """Head/tail of MetaCLIP entry counts before and after balancing, when the job ran the
         ``metaclip`` stage (``OUT/metaclip/entry_counts.parquet``)."""

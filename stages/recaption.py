@@ -151,6 +151,10 @@ class RecaptionStage(Stage):
     Config = RecaptionConfig
 
     @classmethod
+    def needs_pixels(cls, config: RecaptionConfig) -> bool:
+        return config.mode == "caption"  # rewrite and fuse read text only
+
+    @classmethod
     def caption_column(cls, config: RecaptionConfig) -> str | None:
         return config.output_column  # emit.caption_policy may put it in the .txt
 
