@@ -5,14 +5,15 @@ carry text and most of their captions spell it, which teaches CLIP to read inste
 Rule: every live image is read by an OCR engine (``engine``, RapidOCR by default), detection
 first: a cheap detection pass (longer side shrunk to ``gate_side``) decides whether the image
 has text; where it accepted a box, or where it shrank the image and its text probability map
-exceeds ``gate_min_prob`` without a box (text too small to resolve at that size: it is unsure),
-the accurate detection plus recognition run. Stored per sample: ``ocr_text`` (recognised lines joined by spaces, in
-reading order; lines with fewer than two letters or digits are discarded as detector false
-positives), ``ocr_boxes`` (lines with legible text), ``text_area`` (share of the image those
-boxes cover), ``cotr`` (the paper's co-emerging text rate, Algorithm 1: share of the caption's
-distinct whitespace tokens that are OCR tokens, case-sensitive; :mod:`pairsift.stages.cotr`),
-``cotr_normalized`` and ``cotr_fuzzy`` (pairsift's lenient variants: normalised words, and near
-misses). ``policy`` keeps one of the paper's subsets: ``cotr_below_0.3`` (CoTR < 0.3; the rest
+exceeds ``gate_min_prob`` without a box (text too small to resolve at that size: it is
+unsure), the accurate detection plus recognition run. Stored per sample: ``ocr_text``
+(recognised lines joined by spaces, in reading order; lines with fewer than two letters or
+digits are discarded as detector false positives), ``ocr_boxes`` (lines with legible text),
+``text_area`` (share of the image those boxes cover), ``cotr`` (the paper's co-emerging text
+rate, Algorithm 1: share of the caption's distinct whitespace tokens that are OCR tokens,
+case-sensitive; :mod:`pairsift.stages.cotr`), ``cotr_normalized`` and ``cotr_fuzzy``
+(pairsift's lenient variants: normalised words, and near misses). ``policy`` keeps one of the
+paper's subsets: ``cotr_below_0.3`` (CoTR < 0.3; the rest
 is dropped as ``parrot``), ``cotr_zero`` (CoTR = 0), ``no_text`` (images without embedded
 text, the paper's released 100M subset's rule "empty OCR results"; the rest is dropped as
 ``text_image``), or ``max_cotr`` (drop as ``parrot`` above the given ``max_cotr``); ``score``
