@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from pairsift.pipeline.errors import ConfigError, JobError
 
@@ -30,6 +31,11 @@ def _cmd_run(args) -> int:
     result = run_job(spec, restart=args.restart, executor=args.executor)
     print(format_summary(result.manifest))
     print(f"\noutput: {result.output}  (pairsift stats {result.output})")
+    report = os.path.join(result.output, "report.html")
+    if "://" not in result.output and os.path.isfile(report):
+        opener = "open" if sys.platform == "darwin" else "xdg-open"
+        print(f"report: {report}\n  open it with `{opener} {report}`, or from another machine: "
+              f"`python -m http.server 8000 -d {result.output}` there, then http://HOST:8000/report.html")
     return 0
 
 
@@ -94,10 +100,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Messages of other libraries that mean nothing to someone running a job: (logger, start of the
+#: message). Ray's notice that a local cluster uses token authentication (it stays on), and its
+#: note that ray.init ran outside the main thread.
+QUIET_MESSAGES = (
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this Ray cluster"),
+    ("ray._private.worker", "SIGTERM handler is not set"),
+)
+#: Warning categories about the libraries' own APIs (deprecations), not about the data.
+QUIET_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_third_party() -> None:
+    """Keep library noise off a newcomer's terminal, for this process and the local Ray it
+    starts (its workers inherit the environment): the messages in :data:`QUIET_MESSAGES` and
+    warnings of :data:`QUIET_CATEGORIES`. ``pairsift -v`` keeps everything. Nothing is
+    switched off: Ray's token authentication stays as Ray sets it."""
+    by_logger: dict[str, list[str]] = {}
+    for name, start in QUIET_MESSAGES:
+        by_logger.setdefault(name, []).append(start)
+    for name, starts in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(tuple(starts)))
+    for category in QUIET_CATEGORIES:
+        warnings.filterwarnings("ignore", category=category)
+    if "PYTHONWARNINGS" not in os.environ:  # Ray workers are new interpreters: they read this
+        os.environ["PYTHONWARNINGS"] = ",".join(f"ignore::{c.__name__}" for c in QUIET_CATEGORIES)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        quiet_third_party()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -2,11 +2,22 @@
 
 Photos are scikit-image's bundled sample images (public domain or CC0; see each
 ``skimage.data`` function's docstring) with captions written for this project; the rest are
-images rendered with Pillow (shapes, gradients, signs with text). A few pairs are bad on
-purpose so that every filter has something to do: a byte-identical duplicate, a thumbnail that
-is too small, a banner that is too wide, an empty caption, a corrupt file and a caption with
-mojibake. Written as WebDataset tars the way img2dataset writes them (``key.jpg``,
-``key.txt``, ``key.json``).
+images rendered with Pillow (shapes, gradients, signs with text, words over photos) and crops
+of the photos. Every stage of ``jobs/quickstart.yaml`` has something to do:
+
+* ``quality``: a thumbnail that is too small, a banner that is too wide, an empty caption, a
+  corrupt file (and a caption with mojibake that it repairs);
+* ``exact_dedup``: a byte-identical copy of a photo;
+* ``parrot``: signs and photos whose caption spells the words drawn on them ("parrot
+  captions", Lin et al. 2023), beside signs whose caption describes them;
+* ``semdedup`` on caption embeddings: photos posted again with their caption retyped, and the
+  template captions of the wave patterns;
+* ``metaclip``: web alt text made of a few frequent words ("cat photo", "coffee cup"): their
+  metadata entries ("cat", "coffee", "photo") are head entries on this pool for a small ``t``,
+  so that balancing thins them out.
+
+Deterministic: the same Pillow and scikit-image give the same bytes. Written as WebDataset tars
+the way img2dataset writes them (``key.jpg``, ``key.txt``, ``key.json``).
 """
 
 from __future__ import annotations
@@ -47,6 +58,29 @@ SHAPES = [
 ]
 
 SIGNS = ["OPEN", "SALE 50%", "STOP", "EXIT", "HELLO WORLD", "COFFEE SHOP"]
+
+#: Words drawn on a band over a photo, and the caption: (key, photo, words, caption). The first
+#: three captions spell the words (parrot captions); the last one does not.
+OVERLAYS = [
+    ("meme_rocket", "rocket", "TO THE MOON", "TO THE MOON"),
+    ("poster_coffee", "coffee", "But first, coffee", "But first, coffee poster"),
+    ("quote_astronaut", "astronaut", "Dream Big", "Dream Big quote"),
+    ("banner_chelsea", "chelsea", "ADOPT ME", "a ginger cat waiting at a shelter"),
+]
+
+#: Photos posted again, re-encoded, with their caption retyped: (key, photo, caption).
+REPOSTS = [
+    ("repost_astronaut", "astronaut", "Portrait of astronaut Eileen Collins in her orange flight suit with the US flag."),
+    ("repost_coffee", "coffee", "a cup of coffee with latte art on a saucer."),
+    ("repost_moon", "moon", "Grey surface of the Moon with craters"),
+]
+
+#: Web alt text of a few frequent words, each on its own crop of a photo: (photo, captions).
+ALT_TEXT = [
+    ("chelsea", ["cat", "Cat", "cat photo", "free cat photo", "cat image", "cat stock photo"]),
+    ("coffee", ["coffee", "coffee cup", "cup of coffee", "free coffee photo", "coffee image", "coffee stock image"]),
+    ("rocket", ["rocket", "rocket photo", "free rocket image", "rocket stock photo"]),
+]
 
 
 def _jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
@@ -96,6 +130,44 @@ def _sign_image(text: str, seed: int) -> bytes:
     return _jpeg(np.asarray(img))
 
 
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return arr
+
+
+def _overlay_image(photo: str, text: str) -> bytes:
+    """A photo with a light band across its lower part and ``text`` on it."""
+    img = Image.fromarray(_photo(photo)).convert("RGB")
+    w, h = img.size
+    d = ImageDraw.Draw(img)
+    band = (0, int(h * 0.68), w, int(h * 0.92))
+    d.rectangle(band, fill=(245, 245, 235))
+    font = _font(max(24, int((band[3] - band[1]) * 0.55)))
+    d.text((w // 2, (band[1] + band[3]) // 2), text, fill=(15, 15, 15), font=font, anchor="mm")
+    return _jpeg(np.asarray(img), quality=88)
+
+
+def _repost_image(photo: str) -> bytes:
+    """The photo as a repost: scaled to 90% and saved at a lower JPEG quality."""
+    img = Image.fromarray(_photo(photo))
+    img = img.resize((img.width * 9 // 10, img.height * 9 // 10), Image.BICUBIC)
+    return _jpeg(np.asarray(img), quality=70)
+
+
+def _crop_image(photo: str, seed: int) -> bytes:
+    """A crop of the photo, 55-85% of each side at an offset from ``seed``."""
+    arr = _photo(photo)
+    rng = np.random.default_rng(seed)
+    h, w = arr.shape[:2]
+    ch, cw = int(h * rng.uniform(0.55, 0.85)), int(w * rng.uniform(0.55, 0.85))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return _jpeg(np.ascontiguousarray(arr[y:y + ch, x:x + cw]), quality=85)
+
+
 def _gradient(seed: int, size=(256, 256)) -> bytes:
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w]
@@ -108,13 +180,9 @@ def _gradient(seed: int, size=(256, 256)) -> bytes:
 
 def pool_samples() -> list[tuple[str, bytes, str]]:
     """(key, image bytes, caption) for every pair of the pool, in shard order."""
-    import skimage.data
-
     samples: list[tuple[str, bytes, str]] = []
     for name, caption in PHOTOS.items():
-        arr = getattr(skimage.data, name)()
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
+        arr = _photo(name)
         if arr.ndim == 3 and arr.shape[2] == 4:
             data = _png(Image.fromarray(arr))
         else:
@@ -136,6 +204,16 @@ def pool_samples() -> list[tuple[str, bytes, str]]:
     samples.append(("no_caption", _gradient(97), "   "))
     samples.append(("corrupt_file", samples[0][1][: len(samples[0][1]) // 3], "a download that was cut off"))
     samples.append(("mojibake", _gradient(96), "cafÃ© au lait on a   rainy morning"))
+    # Pairs for the later stages of the quickstart (parrot captions, reposts, alt text).
+    for key, photo, text, caption in OVERLAYS:
+        samples.append((key, _overlay_image(photo, text), caption))
+    for key, photo, caption in REPOSTS:
+        samples.append((key, _repost_image(photo), caption))
+    n = 0
+    for photo, captions in ALT_TEXT:
+        for caption in captions:
+            samples.append((f"alt_{n:03d}", _crop_image(photo, 1000 + n), caption))
+            n += 1
     return samples
 
 

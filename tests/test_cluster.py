@@ -82,6 +82,6 @@ def test_job_submitted_to_a_cluster(cluster, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["counts"]["kept"] == 50 and manifest["counts"]["rejected"] == 5
+    assert manifest["counts"]["kept"] == 73 and manifest["counts"]["rejected"] == 5
     # The job joined the cluster instead of starting its own Ray: its start-up is a connect.
     assert "Started a local Ray instance" not in r.stdout + r.stderr

@@ -25,7 +25,7 @@ def test_open_clip_train_runs_on_emitted_shards(ray_session, sample_pool, tmp_pa
     run_job(make_job(sample_pool, out, emit={"shard_size": 20}))
     manifest = json.loads((out / "manifest.json").read_text())
     n_shards, kept = len(manifest["shards"]), manifest["counts"]["kept"]
-    assert n_shards == 3 and kept == 50
+    assert n_shards == 4 and kept == 73
     config, _ = write_tiny_clip(tmp_path / "model")
     args = [
         "--train-data", str(out / "shards" / f"{{000000..{n_shards - 1:06d}}}.tar"),

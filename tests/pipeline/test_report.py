@@ -42,7 +42,7 @@ def test_report_sections_render_in_chromium(job_out, tmp_path):
     for section in ("funnel", "scores", "throughput", "examples"):
         assert f'id="{section}"' in dom, section
     assert "<svg" in dom and "drops by reason" in dom
-    assert re.search(r"<td>quality</td><td>55</td><td>4</td><td>51</td>", dom)
+    assert re.search(r"<td>quality</td><td>78</td><td>4</td><td>74</td>", dom)
     shot = tmp_path / "report.png"
     subprocess.run(cmd[:-2] + [f"--screenshot={shot}", "--window-size=1200,1600", (job_out / "report.html").as_uri()],
                    capture_output=True, timeout=120)

@@ -23,10 +23,10 @@ def test_status_of_interrupted_then_finished_job(ray_session, tmp_path, capsys):
     st = job_status(str(tmp_path / "out"))
     assert st["state"] == "running"  # the driver (this process) is still alive
     (p0, emit) = st["steps"]
-    assert (p0["done"], p0["total"]) == (4, 6) and emit["done"] == 0
+    assert (p0["done"], p0["total"]) == (4, 8) and emit["done"] == 0
     flag.unlink()
     run_job(spec)
     assert main(["status", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
-    assert "complete" in text and "6 / 6 shards committed" in text and "1 / 1" in text
+    assert "complete" in text and "8 / 8 shards committed" in text and "1 / 1" in text
     assert main(["status", str(tmp_path)]) == 2

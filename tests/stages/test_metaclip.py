@@ -338,7 +338,7 @@ def test_job_spec_runs_on_quickstart_pool(ray_session, sample_pool, tmp_path):
     out = tmp_path / "out"
     kept = pq.read_table(out / "metadata")
     rejected = pq.read_table(out / "rejected")
-    assert kept.num_rows + rejected.num_rows == 55
+    assert kept.num_rows + rejected.num_rows == 78
     assert "metaclip_entries" in kept.column_names and "metaclip_p" in kept.column_names
     assert all(p is not None and p > 0 for p in kept.column("metaclip_p").to_pylist())
     counts = pq.read_table(out / "metaclip" / "entry_counts.parquet")

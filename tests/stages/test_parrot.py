@@ -569,8 +569,10 @@ def test_job_on_the_sample_pool_drops_the_signs_whose_caption_is_their_text(ray_
     rej = pq.read_table(out / "rejected").to_pylist()
     assert len(meta) + len(rej) == len(pool_samples())
     parrots = sorted(r["key"] for r in rej if r["drop_reason"] == "parrot")
-    assert parrots == ["sign_000", "sign_002", "sign_004"]  # captions "OPEN", "STOP", "HELLO WORLD"
     kept = {r["key"]: r for r in meta}
+    # captions "OPEN", "STOP", "HELLO WORLD"; "TO THE MOON", "But first, coffee poster", "Dream Big quote"
+    assert parrots == ["meme_rocket", "poster_coffee", "quote_astronaut", "sign_000", "sign_002", "sign_004"]
+    assert kept["banner_chelsea"]["ocr_text"] == "ADOPT ME" and kept["banner_chelsea"]["cotr"] == 0.0
     for j in (1, 3, 5):  # 'a white sign that says "..."': the quoted token is '"OPEN"', not 'OPEN'
         row = kept[f"sign_{j:03d}"]
         assert row["ocr_text"] == SIGNS[j] and row["cotr"] == 0.0 and 0 < row["cotr_normalized"] <= 0.5
@@ -579,7 +581,7 @@ def test_job_on_the_sample_pool_drops_the_signs_whose_caption_is_their_text(ray_
     assert [k for k, r in kept.items() if k.startswith("shape_") and r["ocr_boxes"]] == []
     manifest = json.loads((out / "manifest.json").read_text())
     stages = {s["stage"]: s for s in manifest["counts"]["stages"]}
-    assert stages["parrot"]["reasons"] == {"parrot": 3}
+    assert stages["parrot"]["reasons"] == {"parrot": 6}
 
 
 def test_parrot_recipe_keeps_images_without_text(ray_session, sample_pool, tmp_path):
@@ -592,7 +594,7 @@ def test_parrot_recipe_keeps_images_without_text(ray_session, sample_pool, tmp_p
     from conftest import REPO
     from pairsift.pipeline.runner import run_job
     from pairsift.pipeline.spec import parse_job
-    from pairsift.samplepool import pool_samples
+    from pairsift.samplepool import OVERLAYS, pool_samples
 
     raw = yaml.safe_load((REPO / "jobs" / "parrot.yaml").read_text())
     parrot = next(e["parrot"] for e in raw["stages"] if "parrot" in e)
@@ -610,7 +612,7 @@ def test_parrot_recipe_keeps_images_without_text(ray_session, sample_pool, tmp_p
     signs = {f"sign_{j:03d}" for j in range(6)}
     # All six signs, parrot or not, and the scanned page. (Full OCR on every image would also drop
     # the cameraman: the accurate pass reads his four coat buttons as "C000".)
-    assert text_images == signs | {"photo_page"}
+    assert text_images == signs | {"photo_page"} | {key for key, *_ in OVERLAYS}
     for r in rej:
         if r["drop_reason"] == "text_image":
             assert r["ocr_boxes"] >= 1 and r["drop_stage"] == "parrot"
