@@ -129,6 +129,10 @@ class TextEmbedStage(Stage[TextEmbedConfig]):
         if self.config.device == "cuda" and self.context.cluster.get("GPU", 0) < 1:
             raise ConfigError("text_embed.device: cuda, but the cluster has no GPU")
 
+    @classmethod
+    def needs_pixels(cls, config) -> bool:
+        return False  # captions only
+
     def resources(self) -> Resources:
         return Resources(cpus=1.0, gpus=1.0 if self.config.device == "cuda" else 0.0)
 
