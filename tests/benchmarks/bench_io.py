@@ -19,6 +19,13 @@ Target: pairsift >= 0.5x the plain loop on 2 cores at 20k samples. With ``--prof
 automatically when the target is missed) ``run_phase_shard`` and ``write_emit_shard`` are
 profiled on one shard outside Ray with cProfile.
 
+The quality phase per core, before and after the scaled decode check (issue 13): the first
+phase (ingest + quality + work shard) on one shard in this process, and the quality stage
+alone on that shard's rows, with ``decode_check: full`` (every pixel decoded: before) and
+``scaled`` (JPEGs verified at 1/8 scale: after, the default), in CPU seconds
+(``time.process_time``), so other load on the machine does not count. ``--decode-check``
+picks the check of the Ray run.
+
 Not collected by pytest (the file name is ``bench_*.py``).
 """
 
@@ -126,7 +133,7 @@ def make_input(folder: str, samples: int, shard_size: int, processes: int) -> li
 # --------------------------------------------------------------------------- the two ways
 
 
-def make_spec(input_dir: str, output: str, shard_size: int, num_cpus: int):
+def make_spec(input_dir: str, output: str, shard_size: int, num_cpus: int, decode_check: str = "scaled"):
     from pairsift.pipeline.spec import parse_job
 
     return parse_job({
@@ -135,12 +142,12 @@ def make_spec(input_dir: str, output: str, shard_size: int, num_cpus: int):
         "input": {"format": "webdataset", "path": input_dir},
         "output": output,
         "ray": {"num_cpus": num_cpus},
-        "stages": [{"quality": {}}],
+        "stages": [{"quality": {"decode_check": decode_check}}],
         "emit": {"shard_size": shard_size},
     })
 
 
-def run_pairsift(input_dir: str, output: str, shard_size: int, num_cpus: int) -> dict:
+def run_pairsift(input_dir: str, output: str, shard_size: int, num_cpus: int, decode_check: str = "scaled") -> dict:
     import ray
 
     from pairsift.pipeline.runner import run_job
@@ -149,7 +156,7 @@ def run_pairsift(input_dir: str, output: str, shard_size: int, num_cpus: int) ->
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t0
     try:
-        spec = make_spec(input_dir, output, shard_size, num_cpus)
+        spec = make_spec(input_dir, output, shard_size, num_cpus, decode_check)
         res = run_job(spec)
     finally:
         ray.shutdown()
@@ -219,8 +226,61 @@ def cpu_per_sample(input_dir: str, urls: list[str], work: str, shard_size: int, 
             "emit_ms": 1e3 * (t2 - t1) / summary["rows"], "pairsift_ms": 1e3 * (t2 - t0) / summary["rows"]}
 
 
-# --------------------------------------------------------------------------- profile
+def quality_per_core(input_dir: str, work: str, shard_size: int, num_cpus: int, repeat: int = 3) -> dict:
+    """Samples/s per core of the quality phase with each decode check: the first phase
+    (ingest + quality + work shard write, ``run_phase_shard``) on the first input shard, and
+    the quality stage's ``process`` alone on that shard's rows (in batches as the worker
+    hands them), and the decode check alone on its images; best of ``repeat``, CPU seconds of
+    this process."""
 
+    from pairsift.pipeline.ingest import discover, read_shard
+    from pairsift.pipeline.plan import plan_phases
+    from pairsift.pipeline.worker import run_phase_shard
+    from pairsift.pipeline.images import inspect_image
+    from pairsift.stages.quality import QualityConfig, QualityStage, inspect_image_scaled
+
+    out: dict[str, dict] = {}
+    for check in ("full", "scaled"):
+        output = os.path.join(work, f"cpu-quality-{check}")
+        spec = make_spec(input_dir, output, shard_size, num_cpus, check)
+        phase = plan_phases(spec.stages)[-1]
+        shard = discover(spec.input)[0]
+        best_phase = best_stage = float("inf")
+        rows = 0
+        for r in range(repeat + 1):  # the first round warms up (imports, page cache)
+            shutil.rmtree(output, ignore_errors=True)
+            t0 = time.process_time()
+            summary = run_phase_shard(spec, phase, shard, {})
+            spent = time.process_time() - t0
+            rows = summary["rows"]
+            if r:
+                best_phase = min(best_phase, spent)
+        batches = list(read_shard(shard, spec.input, 1024, []))
+        stage = QualityStage(QualityConfig(decode_check=check))
+        n = sum(b.num_rows for b in batches)
+        for r in range(repeat + 1):
+            t0 = time.process_time()
+            for b in batches:
+                stage.process(b)
+            spent = time.process_time() - t0
+            if r:
+                best_stage = min(best_stage, spent)
+        images = [d for b in batches for d in b.column("image").to_pylist() if d is not None]
+        inspect = inspect_image_scaled if check == "scaled" else inspect_image
+        best_check = float("inf")
+        for r in range(repeat + 1):
+            t0 = time.process_time()
+            for d in images:
+                inspect(d, 89_478_485)
+            spent = time.process_time() - t0
+            if r:
+                best_check = min(best_check, spent)
+        out[check] = {"phase_per_core": rows / best_phase, "stage_per_core": n / best_stage,
+                      "check_per_core": len(images) / best_check, "rows": rows}
+        shutil.rmtree(output, ignore_errors=True)
+    return out
+
+# --------------------------------------------------------------------------- profile
 
 def profile_one_shard(input_dir: str, output: str, shard_size: int, num_cpus: int, top: int = 30) -> None:
     """cProfile ``run_phase_shard`` (ingest + quality + parquet write) and ``write_emit_shard``
@@ -256,7 +316,6 @@ def profile_one_shard(input_dir: str, output: str, shard_size: int, num_cpus: in
     print(f"\n== cProfile write_emit_shard, {task.samples} rows: {wall:.2f} s ({task.samples / wall:,.0f} samples/s)")
     _print_stats(prof, top // 2)
 
-
 def _print_stats(prof: cProfile.Profile, top: int) -> None:
     for key in ("tottime", "cumulative"):
         s = io.StringIO()
@@ -265,9 +324,7 @@ def _print_stats(prof: cProfile.Profile, top: int) -> None:
         body = text[text.find("   ncalls"):]
         print(f"-- by {key}\n{body.rstrip()}")
 
-
 # --------------------------------------------------------------------------- main
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -279,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="always profile one shard outside Ray")
     ap.add_argument("--no-profile", action="store_true", help="never profile")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--decode-check", default="scaled", choices=("scaled", "full"),
+                    help="quality.decode_check of the Ray run (the per-core figures measure both)")
     a = ap.parse_args(argv)
 
     work = a.workdir or tempfile.mkdtemp(prefix="pairsift-bench-io-")
@@ -299,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             p = run_plain(urls, out, a.shard_size)
             out = os.path.join(work, "pairsift")
             shutil.rmtree(out, ignore_errors=True)
-            q = run_pairsift(input_dir, out, a.shard_size, a.num_cpus)
+            q = run_pairsift(input_dir, out, a.shard_size, a.num_cpus, a.decode_check)
             print(f"run {r + 1}/{a.repeat} (1-min load average before: {load:.2f}): plain {p['seconds']:.2f} s, "
                   f"pairsift {q['job_s']:.2f} s")
             plain = p if plain is None or p["seconds"] < plain["seconds"] else plain
@@ -315,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(machine: {os.cpu_count()} cores; best of {a.repeat})")
         print(f"plain  (1 process, webdataset + Pillow decode + TarWriter): {plain['seconds']:8.2f} s "
               f"{plain_rate:10,.0f} samples/s")
-        print(f"pairsift (quality + emit, Ray start excluded):              {ps['job_s']:8.2f} s "
+        print(f"pairsift (quality [{a.decode_check}] + emit, Ray start excluded):     {ps['job_s']:8.2f} s "
               f"{ps_rate:10,.0f} samples/s   (kept {ps['kept']:,})")
         print(f"Ray start-up: ray.init {ps['ray_start_s']:.2f} s before the clock; "
               f"JobResult.ray_init_s {ps['ray_init_s']:.3f} s; run_s {ps['run_s']:.2f} s")
@@ -334,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (phases {accounted:.2f} s of the job's {ps['job_s']:.2f} s; the rest is preflight, "
               f"manifest and clean-up)")
 
+        q = quality_per_core(input_dir, work, a.shard_size, a.num_cpus)
+        print(f"\nquality phase per core, one shard of {q['full']['rows']:,} rows in this process (CPU seconds):")
+        for what, key in (("ingest + quality + work shard", "phase_per_core"), ("quality stage alone", "stage_per_core"),
+                          ("decode check alone", "check_per_core")):
+            before, after = q["full"][key], q["scaled"][key]
+            print(f"  {what:<30} before (full decode) {before:8,.0f} samples/s   after (scaled decode) "
+                  f"{after:8,.0f} samples/s   {after / before:.2f}x")
+
         cpu = cpu_per_sample(input_dir, urls, work, a.shard_size, a.num_cpus)
         projected = a.num_cpus * cpu["plain_ms"] / cpu["pairsift_ms"]
         print(f"\nCPU per sample, one shard in this process (independent of other load on the machine):")
@@ -349,7 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())
