@@ -6,7 +6,8 @@ returns their summaries in item order.
 
 * :class:`RayExecutor` — the production one: joins the configured cluster or starts a Ray of
   the job's own, runs each call as a Ray task with the resources the phase asks for, at most
-  as many at once as the job may use, retrying a failed task ``TASK_RETRIES`` times.
+  as many at once as the job may use, retrying a failed task ``TASK_RETRIES`` times; each
+  result says which node ran it (the manifest's phase timings count tasks per node).
 * :class:`LocalExecutor` — runs every call in this process, one after another, with no
   retries: for tests, and for stepping through a stage under a debugger
   (``pairsift run --executor local``).
@@ -188,10 +189,11 @@ class RayExecutor(Executor):
         return self.ray.put(obj)
 
     def map(self, fn, items, make_args, resources, desc, count_rows):
+        """As :meth:`Executor.map`; a dict result also says which Ray node ran it (``node``)."""
         ray = self.ray
-        if fn not in self._remote:
-            self._remote[fn] = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(fn)
-        remote_fn = self._remote[fn].options(**resources)
+        if _on_node not in self._remote:
+            self._remote[_on_node] = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_on_node)
+        task = self._remote[_on_node].options(name=getattr(fn, "__name__", "task"), **resources)
         results: list[dict | None] = [None] * len(items)
         pending: dict = {}
         todo = list(enumerate(items))
@@ -200,7 +202,7 @@ class RayExecutor(Executor):
             while todo or pending:
                 while todo and len(pending) < self.limit:
                     i, item = todo.pop(0)
-                    pending[remote_fn.remote(*make_args(item))] = (i, item)
+                    pending[task.remote(fn, *make_args(item))] = (i, item)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     i, item = pending.pop(ref)
@@ -214,3 +216,14 @@ class RayExecutor(Executor):
             for ref in pending:
                 ray.cancel(ref, force=True)
         return results  # type: ignore[return-value]
+
+
+def _on_node(fn: Callable, *args) -> Any:
+    """``fn(*args)`` in a Ray task; a dict result gets the id of the node that ran it
+    (``node``), so that a job's timings show how its phases spread over a cluster."""
+    result = fn(*args)
+    if isinstance(result, dict):
+        import ray
+
+        result = {**result, "node": ray.get_runtime_context().get_node_id()}
+    return result

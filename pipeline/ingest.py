@@ -71,7 +71,7 @@ class InputShard:
     """One unit of ingest work."""
 
     index: int
-    kind: str  # "tar" | "parquet" | "folder" | "download"
+    kind: str  # "tar" | "parquet" | "folder" | "urls" (a URL list's rows)
     path: str  # the file read (folders: the folder)
     rel: str  # path relative to the input root, used in uids
     files: tuple[str, ...] = field(default=())  # folder chunk members (relative)
@@ -754,7 +754,7 @@ READERS = {"tar": read_tar, "parquet": read_parquet, "folder": read_folder}
 def read_shard(shard: InputShard, input_spec, batch_size: int, errors: list[str]) -> Iterator[pa.Table]:
     """Batches of base-schema rows from one input shard; source problems go to ``errors``."""
     errors.extend(shard.notes)
-    if shard.kind == "download":
+    if shard.kind == "urls":
         from pairsift.pipeline.urllists import read_download_shard
 
         return read_download_shard(shard, input_spec, batch_size, errors)

@@ -28,6 +28,7 @@ from pairsift.pipeline.manifest import build_manifest, format_summary
 from pairsift.pipeline.plan import Phase, plan_phases
 from pairsift.pipeline.safety import JobLock, check_output, input_identity, owned_to_remove
 from pairsift.pipeline.spec import JobSpec
+from pairsift.pipeline.urlout import URLS, write_url_shard
 from pairsift.pipeline.worker import run_phase_shard
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import GlobalStage, StageContext, as_resources
@@ -111,7 +112,8 @@ def run_job(spec: JobSpec, restart: bool = False, executor: Executor | str | Non
         if restart:  # only what a pairsift job recorded writing here
             for path in owned_to_remove(spec.output):
                 storage.remove_tree(path)
-        artifacts = sorted({a for st in stages for a in type(st).artifacts})
+        artifacts = sorted({a for st in stages for a in type(st).artifacts}
+                           | (set() if spec.emit.images else {URLS}))  # a caption-only job's URL lists
         storage.write_json(layout.job_file(spec.output),
                            {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": spec.dump(),
                             "inputs": input_identity(spec.input), "artifacts": artifacts})
@@ -124,10 +126,10 @@ def run_job(spec: JobSpec, restart: bool = False, executor: Executor | str | Non
 
 
 def _input_shards(spec: JobSpec, executor: Executor) -> list[InputShard]:
-    if spec.input.format == "urls":
-        from pairsift.pipeline.urllists import prepare_downloads
+    if spec.input.format == "urls":  # the lists' rows; a stage fetches the images in the workers
+        from pairsift.pipeline.urllists import list_url_shards
 
-        return prepare_downloads(spec, processes=int(executor.cluster()["CPU"]))
+        return list_url_shards(spec)
     return discover(spec.input)
 
 
@@ -278,10 +280,11 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
         resources = _phase_resources(stages, phase)
         extras = {"resources": resources, "cluster": cluster}
         applied, handles = barriers.task_states(phase)
-        executor.map(_phase_and_commit, todo, lambda sh: (spec, phase, sh, applied, extras, *handles), resources,
-                     desc, count_rows=lambda r: r["rows"])
+        ran = executor.map(_phase_and_commit, todo, lambda sh: (spec, phase, sh, applied, extras, *handles),
+                           resources, desc, count_rows=lambda r: r["rows"])
         summaries[phase.index] = [ledger.summary(phase.step_name, s.name) for s in shards]
-        phase_times.append(_phase_timing(phase, summaries[phase.index], time.perf_counter() - t0, len(todo)))
+        phase_times.append({**_phase_timing(phase, summaries[phase.index], time.perf_counter() - t0, len(todo)),
+                            **_nodes(ran)})
         if phase.scan is not None:
             barriers.after(phase, _Partials(ledger, phase.step_name, [s.name for s in shards]), cluster)
         if not spec.emit.keep_work:  # work shards no later phase reads
@@ -299,12 +302,14 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
     t0 = time.perf_counter()
     captions_from = CaptionPolicy(spec.emit.caption_policy, spec.emit.p_original, spec.seed,
                                   column=spec.caption_column() or "recaption")
-    executor.map(_emit_and_commit, todo, lambda t: (spec.output, t, captions_from), {"num_cpus": 1.0}, "emit",
-                 count_rows=lambda r: r["samples"])
+    ran = executor.map(_emit_and_commit, todo, lambda t: (spec.output, t, captions_from, None,
+                                                          spec.emit.images),
+                       {"num_cpus": 1.0}, "emit", count_rows=lambda r: r["samples"])
     emitted = [ledger.summary("emit", t.name) for t in tasks]
     phase_times.append({"phase": "emit", "seconds": round(time.perf_counter() - t0, 3), "shards": len(tasks),
                         "shards_run": len(todo), "samples": sum(e["samples"] for e in emitted),
                         "bytes_written": sum(e.get("bytes", 0) for e in emitted), "driver_rss_peak_mb": _driver_rss_mb()})
+    phase_times[-1].update(_nodes(ran))
 
     # Read errors are found where the sources are read: the first phase.
     source_errors = [s.get("source_errors", []) for s in summaries[phases[0].index]]
@@ -355,8 +360,13 @@ def _write_report(output: str) -> None:
         log.warning("report.html not written: %s: %s", type(e).__name__, e)
 
 
-def _emit_and_commit(output: str, task, captions_from: CaptionPolicy | None = None) -> dict:
-    result = write_emit_shard(output, task, captions_from)
+def _emit_and_commit(output: str, task, captions_from: CaptionPolicy | None = None, input_spec=None,
+                     images: bool = True) -> dict:
+    """One training shard, or with ``emit.images: false`` one URL list (a caption-only job)."""
+    if not images:
+        result = write_url_shard(output, task)
+    else:
+        result = write_emit_shard(output, task, captions_from)
     Ledger(output).commit("emit", task.name, result)
     return result
 
@@ -386,6 +396,13 @@ def _phase_timing(phase: Phase, summaries: list[dict], wall: float, ran: int) ->
     return {"phase": phase.label, "seconds": round(wall, 3), "shards": len(summaries), "shards_run": ran,
             "samples": rows, "worker_seconds": {k: round(v, 3) for k, v in sorted(t.items())}, **io,
             "driver_rss_peak_mb": _driver_rss_mb()}
+
+
+def _nodes(results: list) -> dict:
+    """``{"nodes": {node id: tasks}}`` for the tasks of a phase that ran now, where the executor
+    says which node ran each (on a Ray cluster every node should show up in every phase)."""
+    nodes = Counter(r["node"] for r in results if isinstance(r, dict) and r.get("node"))
+    return {"nodes": dict(sorted(nodes.items()))} if nodes else {}
 
 
 def _driver_rss_mb() -> float:

@@ -92,6 +92,18 @@ class EmitSpec(_Strict):
     #: per-sample mix (the original with probability ``p_original``, by hash(seed, uid)).
     caption_policy: Literal["original", "recaption", "mix"] = "original"
     p_original: float = Field(0.8, ge=0.0, le=1.0)  # Recap-CLIP's best mix: 80% alt text
+    #: False: write no training shards; the kept rows go to ``metadata/`` and, as an
+    #: img2dataset-ready URL list, to ``urls/`` (with ``input.format: urls``: a caption-only
+    #: pool, curated on its text before anything is downloaded — MetaCLIP's workflow).
+    images: bool = True
+
+    @model_serializer(mode="wrap")
+    def _omit_default_images(self, handler):
+        """``images`` is dumped only when false: specs from before it keep their fingerprint."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("images") is True:
+            d.pop("images")
+        return d
 
 
 class StageSpec(BaseModel):
@@ -149,6 +161,56 @@ class JobSpec(_Strict):
         if self.emit.caption_policy != "original" and self.caption_column() is None:
             raise ValueError(f"emit.caption_policy: {self.emit.caption_policy!r} needs a stage writing the "
                              f"'recaption' column or another caption column (a recaption stage)")
+        return self
+
+    @model_validator(mode="after")
+    def _pixels_for_url_rows(self) -> "JobSpec":
+        """URL-list rows carry no image: the stage their reader names
+        (:data:`pairsift.pipeline.urllists.PIXELS_FROM`, ``download``) fetches it. Unless the job
+        lists it itself, it goes after the longest run of leading stages that need no pixels
+        (``needs_pixels``: MetaCLIP, language ID, caption rewrites, ...), so that those stages —
+        and their passes over the pool — run on the URL rows and only the rows they keep are
+        downloaded. Its settings not given in the stage come from ``input.download_*`` and
+        ``input.max_image_bytes``. With ``emit.images: false`` (a caption-only pool) nothing is
+        downloaded, and a stage that reads image bytes is refused."""
+        from pairsift.pipeline.urllists import PIXELS_FROM
+
+        supplier = get_stage_class(PIXELS_FROM)
+        classes = [get_stage_class(s.name) for s in self.stages]
+        listed = [i for i, c in enumerate(classes) if c is supplier]
+        fmt = self.input.format
+        if fmt != "urls":
+            if listed:
+                i = listed[0]
+                raise ValueError(f"stages[{i}].{self.stages[i].name}: input.format {fmt!r} has its images; only "
+                                 f"URL lists (input.format: urls) are downloaded")
+            return self
+        if not self.emit.images:
+            if listed:
+                i = listed[0]
+                raise ValueError(f"stages[{i}].{self.stages[i].name}: emit.images is false (a caption-only pool), "
+                                 f"so nothing is downloaded; remove the stage, or set emit.images: true")
+            for i, (s, c) in enumerate(zip(self.stages, classes)):
+                if c.needs_pixels(s.config):
+                    raise ValueError(f"stages[{i}].{s.name} reads image bytes, and a caption-only pool (input.format: "
+                                     f"urls with emit.images: false) has none: remove it, or set emit.images: true "
+                                     f"to download the images of the rows the text stages keep")
+            return self
+        if len(listed) > 1:
+            raise ValueError(f"stages[{listed[1]}].{self.stages[listed[1]].name}: listed twice (stages[{listed[0]}] "
+                             f"already fetches the images)")
+        if listed:
+            k = listed[0]
+            for i in range(k):
+                if classes[i].needs_pixels(self.stages[i].config):
+                    raise ValueError(f"stages[{i}].{self.stages[i].name} reads image bytes, but comes before "
+                                     f"stages[{k}].{self.stages[k].name}, which fetches them")
+            self.stages[k] = StageSpec(name=self.stages[k].name, config=supplier.for_input(self.input,
+                                                                                            self.stages[k].config))
+        else:
+            k = next((i for i, (s, c) in enumerate(zip(self.stages, classes)) if c.needs_pixels(s.config)),
+                     len(self.stages))
+            self.stages.insert(k, StageSpec(name=supplier.name, config=supplier.for_input(self.input)))
         return self
 
     def caption_column(self) -> str | None:

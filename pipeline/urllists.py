@@ -1,28 +1,29 @@
-"""URL lists (``input.format: urls``): download with img2dataset, then ingest like any shard.
+"""URL lists (``input.format: urls``): the lists' rows as input shards; the images are fetched
+later, by the stage the reader names (:data:`PIXELS_FROM`), inside the workers.
 
-Rule: every row of every URL list becomes exactly one row of
-:data:`~pairsift.pipeline.table.BASE_SCHEMA`, downloaded or not. Its ``uid`` is
-``make_uid(src_file, str(src_row))``, where ``src_file`` is the list's path relative to the
-input root and ``src_row`` its 0-based row there (data rows for CSV/TSV/Parquet, lines for
-TXT/JSONL; blank lines are skipped but counted), so ids do not depend on shard sizes, on
-which downloads succeeded or on the run. ``key`` is ``str(src_row)``, ``source`` the list's
-path and ``url`` the URL as listed. A URL that img2dataset could not fetch is a row with no
-image and ``drop_reason = "download_failed"`` (its error message goes to the shard's
-``source_errors``, counted per message: the base schema has no column for it); a downloaded
-body is kept byte for byte as received (no resizing, no re-encoding, no decode check here:
-a body that is not an image, such as an HTML page served with status 200, is dropped later
-by ``quality`` as ``decode_error``).
+Rule: every row of every URL list becomes exactly one row of the ingest schema, with no image
+and not dropped for lacking one. Its ``uid`` is ``make_uid(src_file, str(src_row))``, where
+``src_file`` is the list's path relative to the input root and ``src_row`` its 0-based row there
+(data rows for CSV/TSV/Parquet, lines for TXT/JSONL; blank lines are skipped but counted), so
+ids do not depend on shard sizes, on which downloads succeed or on the run. ``key`` is
+``str(src_row)``, ``source`` the list's path and ``url`` the URL as listed.
+
+The job's stages then run on these rows. The engine puts the ``download`` stage
+(``pairsift.stages.download``: img2dataset's per-shard downloader in the worker task, so every
+node downloads) after the longest run of leading stages that need no pixels (MetaCLIP,
+language ID, caption rewrites, ...), so only the rows those keep are fetched
+(:meth:`pairsift.pipeline.spec.JobSpec`'s validation); with ``emit.images: false`` nothing is
+fetched and the kept rows are written as a URL list (:mod:`pairsift.pipeline.urlout`).
 
 Hostile lists do not stop the job: a caption that is not UTF-8 (or a JSON string with a lone
-surrogate) is ``caption_not_utf8``, one over ``input.max_text_bytes`` ``member_too_large``
-(both decided when the list is read, whatever the download gives; ``src_error`` carries the
-reason through img2dataset); a URL that is not UTF-8 has its other bytes percent-encoded (as a
-browser sends them); a JSONL ``url`` that is not a string is left empty (the row fails to
-download); a CSV/TSV row with too few or too many fields is read by Python's csv module (a
-missing field is empty); a Parquet list's unreadable row group gives rows without URL
+surrogate) is ``caption_not_utf8``, one over ``input.max_text_bytes`` ``member_too_large``, a
+row without caption ``missing_caption`` (decided when the list is read: such rows are never
+fetched); a URL that is not UTF-8 has its other bytes percent-encoded (as a browser sends
+them); a JSONL ``url`` that is not a string is left empty (the download stage drops the row as
+``download_failed``); a CSV/TSV row with too few or too many fields is read by Python's csv
+module (a missing field is empty); a Parquet list's unreadable row group gives rows without URL
 (``source_corrupt``); a Parquet list whose URL or caption column is not text is a
-configuration error at preflight; a downloaded body over ``input.max_image_bytes`` is dropped
-unread as ``member_too_large``.
+configuration error at preflight.
 
 Three steps:
 
@@ -32,16 +33,14 @@ Three steps:
    first object. Lists are ``.csv``, ``.tsv``, ``.parquet``, ``.jsonl`` or ``.txt`` (one URL
    a line, optionally followed by whitespace and the caption: no caption, no pair, so such
    rows are dropped as ``missing_caption``).
-2. :func:`prepare_downloads` (on the driver): normalise each list to
-   ``OUT/_work/urls/NNNNNN.parquet`` (url, caption, src_file, src_row), then run
-   ``img2dataset.download`` once, in a subprocess, into ``OUT/_work/download/`` (its output
-   goes to ``OUT/_work/download.log``). img2dataset cuts each list into shards of
-   ``input.shard_size`` URLs and writes ``NNNNN.tar`` (the downloaded samples),
-   ``NNNNN.parquet`` (one row per URL, failed ones included) and ``NNNNN_stats.json`` last; a
-   rerun of a killed job skips the shards that have their stats file, and does not start
-   img2dataset at all when every shard has one.
-3. :func:`read_download_shard` (in the ingest workers): one download shard to base-schema
-   batches, rows in ``src_row`` order.
+2. :func:`list_url_shards` (on the driver): a Parquet list is cut at its row-group boundaries
+   (consecutive row groups packed up to ``input.shard_size`` rows; a bigger row group is a shard
+   of its own), reading nothing but its footer; a text list (CSV, TSV, JSONL, TXT), which can
+   only be parsed from its start, is parsed once and normalised to
+   ``OUT/_work/urls/NNNNNN.parquet`` (url, caption, src_file, src_row, src_error) in row groups
+   of ``input.shard_size`` rows, one shard each. Nothing is downloaded here.
+3. :func:`read_download_shard` (in the workers, the first phase): one shard's row groups as
+   ingest-schema batches, in ``src_row`` order.
 """
 
 from __future__ import annotations
@@ -49,13 +48,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import os
 import posixpath
-import subprocess
-import sys
-import tarfile
-import tempfile
 from collections import Counter
 from typing import Iterator
 
@@ -66,16 +59,18 @@ import pyarrow.parquet as pq
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError, JobError
-from pairsift.pipeline.ingest import (InputShard, Limits, TooLarge, _list_files, _RowBuffer, as_pylist,
-                                    check_column_type, decode_caption, is_text_type, parquet_batches, safe_text)
+from pairsift.pipeline.ingest import (InputShard, Limits, _list_files, as_pylist, check_column_type, decode_caption,
+                                      input_schema, is_text_type, safe_text)
+from pairsift.pipeline.table import make_uid
 
 LIST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".txt")
 #: ``src_error``: a drop reason decided from the list itself (``caption_not_utf8``,
 #: ``member_too_large``, ``source_corrupt``), which wins over whatever the download gives.
 URL_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()),
                         ("src_file", pa.string()), ("src_row", pa.int64()), ("src_error", pa.string())])
-#: Environment of the img2dataset process: no update checks, no telemetry, no W&B.
-_QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+#: The stage that supplies the pixels of URL rows (an import path, so that the engine names no
+#: stage): :class:`pairsift.stages.download.DownloadStage`.
+PIXELS_FROM = "pairsift.stages.download:DownloadStage"
 
 
 # --------------------------------------------------------------------------- 1. preflight
@@ -142,7 +137,7 @@ def check_url_lists(input_spec) -> None:
             )
 
 
-# --------------------------------------------------------------------------- 2. download
+# --------------------------------------------------------------------------- 2. the lists' rows
 
 
 def _as_text(raw) -> str | None:
@@ -227,54 +222,39 @@ def _read_csv(path: str, delimiter: str, url_col: str, cap_col: str) -> tuple[li
         csv.field_size_limit(limit)
 
 
-def read_url_list(path: str, rel: str, input_spec, errors: list[str] | None = None) -> pa.Table:
-    """One URL list as a table of :data:`URL_SCHEMA` (one row per data row of the list)."""
-    ext = _suffix(path)
-    url_col, cap_col = input_spec.url_column, input_spec.caption_field
-    limits = Limits.of(input_spec)
-    errors = errors if errors is not None else []
+def _parquet_rows(pf: pq.ParquetFile, path: str, columns: tuple[str, str], row_groups: range, first_row: int,
+                  errors: list[str]) -> tuple[list, list, list, list]:
+    """(rows, urls, captions, [(index, reason)]) of some row groups of a Parquet list, rows
+    numbered from ``first_row``; an unreadable row group's rows come without URL or caption,
+    as ``source_corrupt`` (the error is recorded; the footer says how many rows it holds)."""
+    url_col, cap_col = columns
     rows, urls, caps, reasons = [], [], [], []
-    if ext == ".txt":
-        for i, line in _read_lines(path):
-            parts = line.split(None, 1)
-            rows.append(i)
-            urls.append(parts[0])
-            caps.append(parts[1] if len(parts) == 2 else None)
-    elif ext == ".jsonl":
-        not_str: Counter = Counter()
-        for i, line in _read_lines(path):
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                obj = {}  # a broken line is a row whose download fails (no URL)
-            obj = obj if isinstance(obj, dict) else {}
-            url, cap = obj.get(url_col), obj.get(cap_col)
-            if url is not None and not isinstance(url, str):
-                not_str[type(url).__name__] += 1
-                url = None
-            rows.append(i)
-            urls.append(url)
-            caps.append(None if cap is None else cap if isinstance(cap, str) else json.dumps(cap))
-        if not_str:
-            errors.append(f"{safe_text(path)}: {sum(not_str.values())} row(s) with a {url_col!r} that is not "
-                          f"a string ({', '.join(sorted(not_str))}): url left empty")
-    elif ext == ".parquet":
-        with fsspec.open(path, "rb") as f:
-            pf = pq.ParquetFile(f, page_checksum_verification=True)
-            for rb in parquet_batches(pf, list(dict.fromkeys([url_col, cap_col])), 65536, path, errors):
-                if isinstance(rb, int):  # a row group that could not be read
-                    first = len(rows)
-                    rows += range(first, first + rb)
-                    urls += [None] * rb
-                    caps += [None] * rb
-                    reasons += [(first + k, "source_corrupt") for k in range(rb)]
-                    continue
-                rows += range(len(rows), len(rows) + rb.num_rows)
+    row = first_row
+    for rg in row_groups:
+        n = pf.metadata.row_group(rg).num_rows
+        done = 0
+        try:
+            for rb in pf.iter_batches(batch_size=65536, row_groups=[rg], columns=list(dict.fromkeys(columns))):
+                rows += range(row, row + rb.num_rows)
                 urls += as_pylist(rb.column(url_col))[0]
                 caps += as_pylist(rb.column(cap_col))[0]
-    else:
-        urls, caps = _read_csv(path, "\t" if ext == ".tsv" else ",", url_col, cap_col)
-        rows = list(range(len(urls)))
+                row += rb.num_rows
+                done += rb.num_rows
+        except (pa.ArrowException, OSError, EOFError, ValueError) as e:
+            left = n - done
+            errors.append(f"{safe_text(path)}: row group {rg} (rows {row}-{row + left - 1}) could not be read: "
+                          f"{type(e).__name__}: {str(e)[:300]}")
+            reasons += [(len(rows) + k, "source_corrupt") for k in range(left)]
+            rows += range(row, row + left)
+            urls += [None] * left
+            caps += [None] * left
+            row += left
+    return rows, urls, caps, reasons
+
+
+def _decoded(rows: list, urls: list, caps: list, reasons: list, rel: str, limits: Limits) -> pa.Table:
+    """Raw list cells as a :data:`URL_SCHEMA` table: text decoded, size caps applied, and the
+    reason a row cannot be a pair (``src_error``) decided."""
     src_error: list[str | None] = [None] * len(rows)
     for k, reason in reasons:
         src_error[k] = reason
@@ -291,166 +271,134 @@ def read_url_list(path: str, rel: str, input_spec, errors: list[str] | None = No
                      pa.array(src_error, pa.string())], schema=URL_SCHEMA)
 
 
-def _finished(dl_dir: str) -> set[str]:
-    """Names of the download shards img2dataset finished (it writes their stats file last)."""
-    fs, p = storage.fs_path(dl_dir)
-    if not fs.exists(p):
-        return set()
-    return {posixpath.basename(f)[: -len("_stats.json")] for f in fs.glob(p + "/*_stats.json")}
+def read_url_list(path: str, rel: str, input_spec, errors: list[str] | None = None) -> pa.Table:
+    """One URL list as a table of :data:`URL_SCHEMA` (one row per data row of the list)."""
+    ext = _suffix(path)
+    url_col, cap_col = input_spec.url_column, input_spec.caption_field
+    errors = errors if errors is not None else []
+    rows, urls, caps, reasons = [], [], [], []
+    if ext == ".txt":
+        for i, line in _read_lines(path):
+            parts = line.split(None, 1)
+            rows.append(i)
+            urls.append(parts[0])
+            caps.append(parts[1] if len(parts) == 2 else None)
+    elif ext == ".jsonl":
+        not_str: Counter = Counter()
+        for i, line in _read_lines(path):
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                obj = {}  # a broken line is a row without URL (dropped as download_failed)
+            obj = obj if isinstance(obj, dict) else {}
+            url, cap = obj.get(url_col), obj.get(cap_col)
+            if url is not None and not isinstance(url, str):
+                not_str[type(url).__name__] += 1
+                url = None
+            rows.append(i)
+            urls.append(url)
+            caps.append(None if cap is None else cap if isinstance(cap, str) else json.dumps(cap))
+        if not_str:
+            errors.append(f"{safe_text(path)}: {sum(not_str.values())} row(s) with a {url_col!r} that is not "
+                          f"a string ({', '.join(sorted(not_str))}): url left empty")
+    elif ext == ".parquet":
+        with fsspec.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
+            rows, urls, caps, reasons = _parquet_rows(pf, path, (url_col, cap_col), range(pf.metadata.num_row_groups),
+                                                      0, errors)
+    else:
+        urls, caps = _read_csv(path, "\t" if ext == ".tsv" else ",", url_col, cap_col)
+        rows = list(range(len(urls)))
+    return _decoded(rows, urls, caps, reasons, rel, Limits.of(input_spec))
 
 
-def prepare_downloads(spec, processes: int) -> list[InputShard]:
-    """Normalise the URL lists, download them with img2dataset (skipping finished shards)
-    and return one input shard per download shard, in shard order. Each shard's ``files``
-    holds the path of the URL list it came from (the rows' ``source``) and that path relative
-    to the input root (the uids' source); the first shard of a list carries, in ``notes``,
-    what reading the list found (unreadable row groups, non-string URLs)."""
+def _packed(sizes: list[int], shard_size: int) -> list[tuple[int, int, int]]:
+    """Consecutive row groups packed into shards of at most ``shard_size`` rows (a bigger row
+    group is a shard by itself): (first row group, end row group, first row) of each."""
+    out, lo, rows, first = [], 0, 0, 0
+    for k, n in enumerate(sizes):
+        if k > lo and rows + n > shard_size:
+            out.append((lo, k, first))
+            lo, first, rows = k, first + rows, 0
+        rows += n
+    if lo < len(sizes):
+        out.append((lo, len(sizes), first))
+    return out
+
+
+def list_url_shards(spec) -> list[InputShard]:
+    """The job's input shards, on the driver; nothing is downloaded here. Each shard's
+    ``path`` is its URL list (the rows' ``source``) and ``rel`` that path relative to the input
+    root (the uids' source); ``files`` says what its worker reads: (Parquet file, first row
+    group, end row group, first row, ``list`` | ``normalised``). A text list's first shard
+    carries, in ``notes``, what parsing it found (e.g. non-string URLs)."""
     inp = spec.input
     _, _, files = _list_files(inp.path, LIST_SUFFIXES)
-    urls_dir = storage.join(spec.output, "_work", "urls")
-    dl_dir = storage.join(spec.output, "_work", "download")
-    storage.remove_tree(urls_dir)  # img2dataset reads every Parquet file there
-    shard_lists: list[tuple[str, str]] = []  # the URL list (path, rel) of each download shard
-    notes: list[tuple[str, ...]] = []  # what reading the list found, for its first download shard
+    shards: list[InputShard] = []
     for i, (path, rel) in enumerate(files):
-        list_errors: list[str] = []
+        notes: tuple[str, ...] = ()
         try:
-            table = read_url_list(path, rel, inp, list_errors)
+            if _suffix(path) == ".parquet":  # read where it is, cut at its row groups
+                with fsspec.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                sizes = [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
+                read, mode = path, "list"
+            else:  # parsed once, from its start
+                list_errors: list[str] = []
+                table = read_url_list(path, rel, inp, list_errors)
+                read, mode, notes = storage.join(spec.output, "_work", "urls", f"{i:06d}.parquet"), "normalised", \
+                    tuple(list_errors)
+                with storage.atomic_open(read) as f:
+                    pq.write_table(table, f, row_group_size=inp.shard_size, compression="zstd")
+                n = table.num_rows
+                sizes = [min(inp.shard_size, n - s) for s in range(0, n, inp.shard_size)]
         except (pa.ArrowException, OSError, ValueError, csv.Error) as e:
             raise JobError(f"URL list {safe_text(path)} could not be read: {type(e).__name__}: {e}") from e
-        with storage.atomic_open(storage.join(urls_dir, f"{i:06d}.parquet")) as f:
-            pq.write_table(table, f)
-        count = math.ceil(table.num_rows / inp.shard_size)
-        shard_lists += [(path, rel)] * count
-        notes += [tuple(list_errors)] + [()] * (count - 1)
-    digits = max(5, len(str(len(shard_lists))))
-    names = [f"{i:0{digits}d}" for i in range(len(shard_lists))]  # img2dataset's shard names
-    todo = set(names) - _finished(dl_dir)
-    if todo:
-        _run_img2dataset(spec, urls_dir, dl_dir, digits, max(1, min(processes, len(todo))))
-        done = _finished(dl_dir)
-        unfinished = [n for n in names if n not in done]
-        if unfinished:
-            raise JobError(
-                f"img2dataset did not finish {len(unfinished)} of {len(names)} download shard(s) "
-                f"({', '.join(unfinished[:5])}{', ...' if len(unfinished) > 5 else ''}); see "
-                f"{storage.join(spec.output, '_work', 'download.log')}. A rerun resumes."
-            )
-    return [InputShard(i, "download", storage.join(dl_dir, f"{n}.tar"), rel=f"{n}.tar", files=(src, src_rel),
-                       notes=note)
-            for i, (n, (src, src_rel), note) in enumerate(zip(names, shard_lists, notes))]
-
-
-def _run_img2dataset(spec, urls_dir: str, dl_dir: str, digits: int, processes: int) -> None:
-    """``img2dataset.download`` in a child process: its prints, progress bars, signal
-    handler and spawned workers stay out of the caller's process."""
-    inp = spec.input
-    kwargs = dict(
-        url_list=urls_dir, output_folder=dl_dir, input_format="parquet", url_col="url",
-        caption_col="caption", output_format="webdataset", resize_mode="no",
-        disable_all_reencoding=True, number_sample_per_shard=inp.shard_size,
-        processes_count=processes, thread_count=inp.download_threads, timeout=inp.download_timeout,
-        retries=inp.download_retries, save_additional_columns=["src_file", "src_row", "src_error"],
-        enable_wandb=False, distributor="multiprocessing", incremental_mode="incremental",
-        oom_shard_count=digits, extract_exif=False, compute_hash=None,
-    )
-    env = {**os.environ, **_QUIET_ENV}
-    with tempfile.TemporaryFile() as log:
-        rc = subprocess.call([sys.executable, "-m", "pairsift.pipeline.urllists", json.dumps(kwargs)],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.seek(0)
-        text = log.read()
-    with storage.atomic_open(storage.join(spec.output, "_work", "download.log")) as f:
-        f.write(text)
-    if rc != 0:
-        tail = text.decode("utf-8", "replace").strip().splitlines()[-15:]
-        raise JobError(f"img2dataset exited with status {rc}:\n" + "\n".join(tail))
+        for k, (lo, hi, first) in enumerate(_packed(sizes, inp.shard_size)):
+            shards.append(InputShard(len(shards), "urls", path, rel, notes=notes if k == 0 else (),
+                                     files=(read, str(lo), str(hi), str(first), mode)))
+    return shards
 
 
 # --------------------------------------------------------------------------- 3. ingest
 
 
-def _index_tar(f, path: str, errors: list[str]) -> tuple[tarfile.TarFile | None, dict[str, tarfile.TarInfo]]:
-    """Open an img2dataset tar for random access: img2dataset key -> its image member (the one
-    that is neither ``.txt`` nor ``.json``). Samples are in download order, rows are not."""
-    tf, members = None, {}
-    try:
-        tf = tarfile.open(fileobj=f, mode="r:")
-        for info in tf:
-            key, _, ext = info.name.partition(".")
-            if info.isfile() and ext not in ("txt", "json"):
-                members[key] = info
-    except (tarfile.TarError, EOFError, OSError) as e:
-        errors.append(f"{safe_text(path)}: {type(e).__name__}: {e}")
-    return tf, members
-
-
-def _member_bytes(tf: tarfile.TarFile | None, info: tarfile.TarInfo | None, path: str,
-                  errors: list[str], max_bytes: int):
-    """The member's bytes; ``TooLarge`` when it is over ``max_bytes`` (not read); None when
-    it cannot be read."""
-    if tf is None or info is None:
-        return None
-    if info.size > max_bytes:
-        return TooLarge(info.size)
-    try:
-        return tf.extractfile(info).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        errors.append(f"{safe_text(path)}: {safe_text(info.name)}: {type(e).__name__}: {e}")
-        return None
+def _shard_rows(shard: InputShard, input_spec, errors: list[str]) -> pa.Table:
+    """The :data:`URL_SCHEMA` rows of one shard."""
+    read, lo, hi, first, mode = shard.files
+    groups = range(int(lo), int(hi))
+    with fsspec.open(read, "rb") as f:
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
+        if mode == "normalised":
+            return pf.read_row_groups(list(groups)).cast(URL_SCHEMA) if len(groups) else URL_SCHEMA.empty_table()
+        rows, urls, caps, reasons = _parquet_rows(pf, shard.path, (input_spec.url_column, input_spec.caption_field),
+                                                  groups, int(first), errors)
+    return _decoded(rows, urls, caps, reasons, shard.rel, Limits.of(input_spec))
 
 
 def read_download_shard(shard: InputShard, input_spec, batch_size: int, errors: list[str]) -> Iterator[pa.Table]:
-    """Base-schema batches of one img2dataset shard: one row per URL of the shard (from its
-    ``.parquet``), in ``src_row`` order, with the bytes from its ``.tar`` where the download
-    succeeded. A reason found in the list itself (``src_error``) wins over the download's."""
-    buf = _RowBuffer(shard, batch_size)
-    limits = Limits.of(input_spec)
-    wanted = ["url", "caption", "src_file", "src_row", "src_error", "key", "status", "error_message"]
-    with fsspec.open(shard.path[: -len(".tar")] + ".parquet", "rb") as f:
-        pf = pq.ParquetFile(f)
-        meta = pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names])  # src_error: newer shards
-    meta = meta.sort_by([("src_file", "ascending"), ("src_row", "ascending")])
-    list_path = shard.files[0] if shard.files else None  # set by prepare_downloads
-    list_rel = shard.files[1] if len(shard.files) > 1 else None  # raw: a name that is not UTF-8 too
-    failures: Counter = Counter()
-    with fsspec.open(shard.path, "rb") as f:
-        tf, members = _index_tar(f, shard.path, errors)
-        for r in meta.to_pylist():
-            caption, reason = decode_caption(r["caption"], limits.text)
-            image = None
-            if r.get("src_error"):
-                caption, reason = r["caption"], r["src_error"]
-            elif r["status"] == "success":
-                image = _member_bytes(tf, members.get(r["key"]), shard.path, errors, limits.image)
-                if isinstance(image, TooLarge):
-                    image, reason = None, "member_too_large"
-                elif image is None:  # listed as downloaded, but not readable in the tar
-                    reason = "source_truncated"
-            else:  # failed_to_download (or failed_to_resize, which resize_mode "no" never gives)
-                caption, reason = r["caption"], "download_failed"
-                failures[r["error_message"] or r["status"] or "unknown error"] += 1
-            uid_source = list_rel if list_rel is not None and safe_text(list_rel) == r["src_file"] else r["src_file"]
-            buf.add(str(r["src_row"]), image, caption, r["url"], reason,
-                    source=list_path or r["src_file"], uid_source=uid_source)
-            if buf.full():
-                yield buf.flush()
-    if failures:
-        top = "; ".join(f"{msg} (x{n})" for msg, n in failures.most_common(5))
-        more = f"; {len(failures) - 5} other message(s)" if len(failures) > 5 else ""
-        errors.append(f"{shard.rel}: {sum(failures.values())} of {meta.num_rows} URL(s) failed to "
-                      f"download: {top}{more}")
-    t = buf.flush()
-    if t is not None:
-        yield t
-
-
-if __name__ in ("__main__", "__mp_main__"):  # the img2dataset process and the workers it spawns
-    # webdataset imports torch only for its optional DataLoader glue, which img2dataset does not
-    # use; torch takes seconds to import in every process img2dataset spawns, so skip it.
-    sys.modules.setdefault("torch", None)
-
-if __name__ == "__main__":
-    import img2dataset
-
-    img2dataset.download(**json.loads(sys.argv[1]))
+    """Ingest-schema batches of one URL-list shard: one row per list row, in ``src_row``
+    order, with no image (the download stage fetches it) and dropped only for what the list
+    itself says (``src_error``: ``caption_not_utf8``, ``member_too_large``,
+    ``source_corrupt``; no caption: ``missing_caption``)."""
+    table = _shard_rows(shard, input_spec, errors)
+    schema = input_schema(shard, input_spec)
+    source = safe_text(shard.path)
+    for start in range(0, table.num_rows, batch_size):
+        part = table.slice(start, batch_size)
+        n = part.num_rows
+        rows = part.column("src_row").to_pylist()
+        captions = part.column("caption").to_pylist()
+        reasons = [e or (None if c is not None else "missing_caption")
+                   for e, c in zip(part.column("src_error").to_pylist(), captions)]
+        cols = {
+            "uid": [make_uid(shard.rel, str(r)) for r in rows],
+            "key": [str(r) for r in rows],
+            "source": [source] * n,
+            "url": part.column("url").to_pylist(),
+            "caption": captions,
+            "drop_reason": reasons,
+            "drop_stage": ["ingest" if r else None for r in reasons],
+        }
+        yield pa.table([pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema],
+                       schema=schema)

@@ -1,13 +1,13 @@
 """Issue 12, readers: hostile URL lists (``input.format: urls``). Each list used to stop the
 job (exit 1) or crash it; now every data row of every list ends exactly once in kept ∪
-rejected, with the reason found in the list itself winning over the download's.
+rejected, with the reason found in the list itself winning over the download's: such a row is
+dropped when the list is read and never fetched (issue 13: the ``download`` stage fetches in
+the workers, and the server's log shows what it fetched).
 """
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,26 +21,18 @@ from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.runner import run_job
 from pairsift.pipeline.table import make_uid
 from pairsift.pipeline.urllists import check_url_lists, read_url_list
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+from url_server import requested, serve
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """(base URL, request log) of a local server holding a.jpg, b.jpg and big.jpg."""
     www = tmp_path_factory.mktemp("www")
     (www / "a.jpg").write_bytes(jpeg(1))
     (www / "b.jpg").write_bytes(jpeg(2))
     (www / "big.jpg").write_bytes(jpeg(3, size=(600, 600)))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serve(www) as (base, log):
+        yield base, log
 
 
 def _input(path: Path, **opts):
@@ -88,8 +80,10 @@ def _hostile_lists(root: Path, base: str) -> dict[tuple[str, int], str | None]:
 
 
 def test_hostile_url_lists_every_row_once(ray_session, server, tmp_path):
+    base, log = server
     lists = tmp_path / "lists"
-    expected = _hostile_lists(lists, server)
+    expected = _hostile_lists(lists, base)
+    before = len(log)
     out = tmp_path / "out"
     big = len(jpeg(3, size=(600, 600)))
     spec = make_job(lists, out, stages=[{"quality": {"min_side": 16}}], fmt="urls",
@@ -103,9 +97,21 @@ def test_hostile_url_lists_every_row_once(ray_session, server, tmp_path):
     got = {(Path(r["source"]).name, int(r["key"])): r for r in rows}
     assert {k: r["drop_reason"] for k, r in got.items()} == expected
     assert all(r["uid"] == make_uid(f, str(i)) for (f, i), r in got.items())
-    assert got[("a.csv", 2)]["url"] == server + "%FF.jpg"  # percent-encoded as a browser sends it
-    assert got[("b.jsonl", 3)]["url"] == server + "%FF.jpg"
+    assert got[("a.csv", 2)]["url"] == base + "%FF.jpg"  # percent-encoded as a browser sends it
+    assert got[("b.jsonl", 3)]["url"] == base + "%FF.jpg"
     assert got[("a.csv", 3)]["caption"] == "too"  # a ragged row: its fields as far as they go
+    # What the list decides is decided at ingest, and those rows are never fetched; what the
+    # download decides is the download stage's.
+    stages = {k: r["drop_stage"] for k, r in got.items() if r["drop_reason"]}
+    assert {k: st for k, st in stages.items() if st == "download"} == {
+        ("a.csv", 2): "download", ("b.jsonl", 0): "download", ("b.jsonl", 1): "download",
+        ("b.jsonl", 3): "download", ("d.parquet", 4): "download"}
+    assert all(st == "ingest" for k, st in stages.items() if k not in {("a.csv", 2), ("b.jsonl", 0), ("b.jsonl", 1),
+                                                                      ("b.jsonl", 3), ("d.parquet", 4)})
+    assert got[("b.jsonl", 0)]["download_error"] == "no url"
+    # a.jpg: a.csv rows 0 and 3, c.txt row 0, d.parquet rows 0 and 5; %FF.jpg: a.csv row 2 and
+    # b.jsonl row 3; b.jpg: b.jsonl row 4 and d.parquet row 1; big.jpg: d.parquet row 4
+    assert Counter(requested(log[before:])) == {"/a.jpg": 5, "/%FF.jpg": 2, "/b.jpg": 2, "/big.jpg": 1}
     errors = [e for i in result.manifest["inputs"] for e in i["source_errors"]]
     assert any("row group 1 (rows 2-3) could not be read" in e for e in errors), errors
     assert any("2 row(s) with a 'url' that is not a string (dict, int)" in e for e in errors), errors

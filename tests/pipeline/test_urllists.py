@@ -1,29 +1,34 @@
-"""URL lists (``input.format: urls``): img2dataset downloads from a local HTTP server, and
-every listed URL comes out exactly once, kept with its original bytes or rejected with a reason.
+"""URL lists (``input.format: urls``): the lists' rows are the input shards, the ``download``
+stage fetches the images inside the workers (img2dataset's downloader) from a local HTTP server
+whose request log says what was fetched, and every listed URL comes out exactly once, kept with
+its original bytes or rejected with a reason. Stages that need no pixels (MetaCLIP) run on the
+URL rows first, so only what they keep is downloaded; a caption-only pool downloads nothing and
+writes the kept rows as a URL list.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
+import json
 import random
 import tarfile
-import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import make_job
+from pairsift.cli import main as cli_main
 from pairsift.pipeline.errors import ConfigError
+from pairsift.pipeline.ingest import read_shard
 from pairsift.pipeline.runner import run_job
 from pairsift.pipeline.table import make_uid
-from pairsift.pipeline.urllists import check_url_lists, prepare_downloads, read_download_shard, read_url_list
-from pairsift.pipeline.ingest import InputShard
+from pairsift.pipeline.urllists import check_url_lists, list_url_shards, read_url_list
+from url_server import requested, serve
 
 
 def _image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
@@ -35,14 +40,10 @@ def _image(fmt: str, size: tuple[int, int], seed: int) -> bytes:
     return buf.getvalue()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A static HTTP server on 127.0.0.1: images, an HTML page, and 404 for anything else."""
+    """A static HTTP server on 127.0.0.1: images, an HTML page, and 404 for anything else;
+    with the log of every request it answered."""
     www = tmp_path_factory.mktemp("www")
     files = {
         "red.jpg": _image("JPEG", (96, 80), 1),
@@ -55,14 +56,8 @@ def server(tmp_path_factory):
         (www / name).parent.mkdir(parents=True, exist_ok=True)
         (www / name).write_bytes(data)
     (www / "page.html").write_text("<html><body>not an image</body></html>")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    yield base, files
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serve(www) as (base, log):
+        yield base, files, log
 
 
 def _write_lists(root: Path, base: str) -> list[dict]:
@@ -91,7 +86,7 @@ def _write_lists(root: Path, base: str) -> list[dict]:
         ("404", base + "nothing/here.png", "gone too", None),
         ("good", base + "red.jpg?copy=1", "the red picture again, by another url", "red.jpg"),
         ("good", base + "grey.png", "a grey noise picture", "grey.png"),
-        ("404", base + "last.png", "alone in its download shard", None),
+        ("404", base + "last.png", "the last row of the list", None),
     ]
     (root / "sub").mkdir(exist_ok=True)
     pq.write_table(pa.table({"id": list(range(len(pq_rows))),
@@ -103,7 +98,7 @@ def _write_lists(root: Path, base: str) -> list[dict]:
     txt = [
         f"{base}green.png\ta green picture from a text list",
         "",  # blank lines are skipped but counted: src_row is the line number
-        f"{base}blue.jpg?from=txt",  # no caption: downloaded, then dropped as missing_caption
+        f"{base}blue.jpg?from=txt",  # no caption: dropped as missing_caption, never fetched
         f"{base}gone.jpg   a missing picture",
     ]
     (root / "c.txt").write_text("\n".join(txt) + "\n")
@@ -113,11 +108,9 @@ def _write_lists(root: Path, base: str) -> list[dict]:
     return rows
 
 
-def _job(lists: Path, out: Path, shard_size: int = 4):
-    # ray.num_cpus 1: img2dataset starts a single download process (each imports torch).
-    return make_job(lists, out, stages=[{"quality": {}}], fmt="urls",
-                    input={"shard_size": shard_size, "download_timeout": 5, "download_threads": 4},
-                    ray={"num_cpus": 1})
+def _job(lists: Path, out: Path, shard_size: int = 4, stages=None, **extra):
+    return make_job(lists, out, stages=[{"quality": {}}] if stages is None else stages, fmt="urls",
+                    input={"shard_size": shard_size, "download_timeout": 5, "download_threads": 4}, **extra)
 
 
 def _outputs(out: Path) -> tuple[list[dict], list[dict], dict[str, bytes]]:
@@ -133,22 +126,28 @@ def _outputs(out: Path) -> tuple[list[dict], list[dict], dict[str, bytes]]:
     return kept, rejected, images
 
 
+def _paths(base: str, urls) -> list[str]:
+    return sorted(u[len(base) - 1:] for u in urls)
+
+
 @pytest.fixture(scope="module")
 def first_run(server, tmp_path_factory, ray_session):
-    base, files = server
+    base, files, log = server
     lists = tmp_path_factory.mktemp("lists")
     expected = _write_lists(lists, base)
     out = tmp_path_factory.mktemp("out") / "job"
+    before = len(log)
     result = run_job(_job(lists, out))
-    return lists, expected, out, result, files
+    return lists, expected, out, result, files, requested(log[before:])
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_every_url_once_good_bytes_kept_failures_rejected(first_run):
-    lists, expected, out, result, files = first_run
+def test_every_url_once_good_bytes_kept_failures_rejected(first_run, server):
+    lists, expected, out, result, files, fetched = first_run
+    base = server[0]
     kept, rejected, images = _outputs(out)
     rows = kept + rejected
     by_uid = {r["uid"]: r for r in rows}
@@ -165,36 +164,207 @@ def test_every_url_once_good_bytes_kept_failures_rejected(first_run):
             assert (r["caption_raw"] or r["caption"]) == e["caption"]  # quality keeps the raw one
             assert _sha(images[uid]) == _sha(files[e["file"]]), "bytes must be kept as downloaded"
         elif e["what"] == "404":
-            assert (r["drop_reason"], r["drop_stage"]) == ("download_failed", "ingest"), r
+            assert (r["drop_reason"], r["drop_stage"]) == ("download_failed", "download"), r
             assert r["caption"] == e["caption"]
+            assert "404" in r["download_error"], r  # img2dataset's message, per row
         elif e["what"] == "html":
-            # img2dataset (disable_all_reencoding) stores any 200 body as a success without
-            # decoding it; quality is what finds that it is not an image.
+            # img2dataset (disable_all_reencoding) keeps any 200 body without decoding it;
+            # quality is what finds that it is not an image.
             assert (r["drop_reason"], r["drop_stage"]) == ("decode_error", "quality"), r
         elif e["what"] == "nocap":
             assert (r["drop_reason"], r["drop_stage"]) == ("missing_caption", "ingest"), r
     assert set(images) == {r["uid"] for r in kept}
-    # The failed downloads' messages are counted per input shard.
-    errors = [e for i in result.manifest["inputs"] for e in i["source_errors"]]
-    assert any("failed to download" in e and "404" in e for e in errors), errors
+    # Every row a pair can come from was fetched once, in the workers; a row without caption never.
+    assert sorted(fetched) == _paths(base, [e["url"] for e in expected if e["what"] != "nocap"])
+    assert [next(iter(s)) for s in result.manifest["spec"]["stages"]] == ["download", "quality"]
+    funnel = {s["stage"]: s for s in result.manifest["counts"]["stages"]}
+    assert funnel["download"]["reasons"] == {"download_failed": 4}
+    for t in result.manifest["timings"]["phases"]:  # Ray says where each task ran
+        assert sum(t["nodes"].values()) == t["shards_run"], t
 
 
-def test_uids_stable_across_runs_and_rerun_skips_finished_downloads(first_run, tmp_path):
-    lists, expected, out, _, _ = first_run
+def test_uids_stable_reruns_fetch_nothing_and_a_lost_shard_only_its_urls(first_run, server, tmp_path):
+    lists, expected, out, _, _, _ = first_run
+    base, _, log = server
     kept1, rejected1, images1 = _outputs(out)
     run_job(_job(lists, tmp_path / "again"))
     kept2, rejected2, images2 = _outputs(tmp_path / "again")
     assert {r["uid"]: r["url"] for r in kept1 + rejected1} == {r["uid"]: r["url"] for r in kept2 + rejected2}
     assert {u: _sha(b) for u, b in images1.items()} == {u: _sha(b) for u, b in images2.items()}
 
-    # Same output again: every download shard is finished, so img2dataset is not started.
-    dl = out / "_work" / "download"
-    before = {p.name: p.stat().st_mtime_ns for p in dl.iterdir()}
-    shards = prepare_downloads(_job(lists, out), processes=1)
-    assert {p.name: p.stat().st_mtime_ns for p in dl.iterdir()} == before
-    # a.csv: 5 rows, c.txt: 3, sub/b.parquet: 5 -> 2 + 1 + 2 shards of 4, in path order
-    assert [s.rel for s in shards] == [f"{i:05d}.tar" for i in range(5)]
-    assert [s.files[0] for s in shards] == [str(lists / f) for f in ["a.csv"] * 2 + ["c.txt"] + ["sub/b.parquet"] * 2]
+    # The same job on the same output: every shard is committed, nothing is fetched again.
+    before = len(log)
+    run_job(_job(lists, out))
+    assert requested(log[before:]) == []
+    # Resume by shard: a shard whose phase is not committed is read and fetched again, alone.
+    shards = list_url_shards(_job(lists, out))
+    (out / "_work" / "ledger" / "p0" / "000001.json").unlink()
+    before = len(log)
+    run_job(_job(lists, out))
+    assert requested(log[before:]) == ["/dir/deep.jpg"]  # a.csv's fifth row, alone in shard 1
+    assert _outputs(out)[:2] == (kept1, rejected1)
+    # a.csv: 5 rows, c.txt: 3 rows, both normalised in row groups of 4; sub/b.parquet: 5 rows in
+    # one row group, which is one shard (Parquet lists are cut at their row groups, read in place)
+    assert [(Path(s.path).name, s.files[1:]) for s in shards] == [
+        ("a.csv", ("0", "1", "0", "normalised")), ("a.csv", ("1", "2", "4", "normalised")),
+        ("c.txt", ("0", "1", "0", "normalised")), ("b.parquet", ("0", "1", "0", "list"))]
+    assert shards[3].files[0] == str(lists / "sub" / "b.parquet")
+
+
+def test_url_shards_follow_row_groups_and_read_as_rows(tmp_path):
+    """A Parquet list is cut at its row groups (packed up to shard_size rows); a shard's rows
+    have no image, are not dropped for it, and keep the list's uid rule."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    caps = [f"caption {i}" if i != 3 else None for i in range(11)]
+    t = pa.table({"url": [f"http://x/{i}.jpg" for i in range(11)], "caption": caps})
+    w = pq.ParquetWriter(lists / "l.parquet", t.schema)
+    for lo, hi in [(0, 2), (2, 4), (4, 6), (6, 11)]:
+        w.write_table(t.slice(lo, hi - lo))
+    w.close()
+    job = _job(lists, tmp_path / "out")
+    shards = list_url_shards(job)
+    assert [s.files[1:4] for s in shards] == [("0", "2", "0"), ("2", "3", "4"), ("3", "4", "6")]
+    rows = []
+    for s in shards:
+        errors: list[str] = []
+        got = pa.concat_tables(list(read_shard(s, job.input, 3, errors))).to_pylist()
+        assert errors == []
+        assert [r["key"] for r in got] == sorted((r["key"] for r in got), key=int)
+        rows += got
+    assert [r["key"] for r in rows] == [str(i) for i in range(11)]
+    assert [r["uid"] for r in rows] == [make_uid("l.parquet", str(i)) for i in range(11)]
+    assert all(r["image"] is None and r["source"] == str(lists / "l.parquet") for r in rows)
+    assert [r["drop_reason"] for r in rows] == [None] * 3 + ["missing_caption"] + [None] * 7
+
+
+# --------------------------------------------------------------------------- text before pixels
+
+
+def _metaclip_lists(root: Path, base: str) -> tuple[Path, list[str]]:
+    """A list whose captions match the metadata (often: 'dog') or not, every row its own URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["a dog on grass"] * 16 + ["a cat asleep", "a tree in fog", "an oak tree"] + ["nothing to match"] * 3
+    caps = [f"{w} ({i})" for i, w in enumerate(words)]
+    urls = [f"{base}red.jpg?row={i}" for i in range(len(caps))]
+    pq.write_table(pa.table({"url": urls, "caption": caps}), root / "pool.parquet", row_group_size=5)
+    meta = root.parent / "metadata.json"
+    meta.write_text(json.dumps(["dog", "cat", "tree"]))
+    return meta, urls
+
+
+def test_metaclip_before_download_fetches_only_what_it_kept(server, tmp_path, ray_session):
+    """Issue 13: with input.format urls, the stages that need no pixels run on the URL rows
+    first, global passes included (MetaCLIP's balancing over the whole pool), and only the rows
+    they keep are downloaded — the server's log shows it."""
+    base, files, log = server
+    meta, urls = _metaclip_lists(tmp_path / "lists", base)
+    out = tmp_path / "out"
+    spec = _job(tmp_path / "lists", out, stages=[{"metaclip": {"metadata": str(meta), "t": 4}},
+                                                  {"quality": {"min_side": 16}}])
+    assert [s.name for s in spec.stages] == ["metaclip", "download", "quality"]
+    before = len(log)
+    result = run_job(spec)
+    fetched = requested(log[before:])
+    kept, rejected, images = _outputs(out)
+    by_url = {r["url"]: r for r in kept + rejected}
+    assert len(by_url) == len(urls) == len(kept) + len(rejected)
+    curated = [r for r in rejected if r["drop_stage"] == "metaclip"]
+    survivors = [u for u in urls if by_url[u]["drop_stage"] != "metaclip"]
+    assert {r["drop_reason"] for r in curated} == {"metaclip"}
+    # t = 4: 'dog' (16 matches) is a head entry, kept with p = 4/16 by hash(seed, uid); 'cat' and
+    # 'tree' are tail entries, all kept; a caption that matches nothing is dropped.
+    dogs = [u for u in survivors if "dog" in by_url[u]["caption"]]
+    assert 0 < len(dogs) < 16 and len(survivors) == len(dogs) + 3
+    assert all("nothing" in r["caption"] or "dog" in r["caption"] for r in curated)
+    assert sorted(fetched) == _paths(base, survivors), "exactly the rows MetaCLIP kept, once each"
+    assert {r["url"] for r in kept} == set(survivors)
+    assert all(images[r["uid"]] == files["red.jpg"] for r in kept)
+    labels = [p["phase"] for p in result.manifest["timings"]["phases"]]
+    assert labels == ["ingest+metaclip+scan", "metaclip+download+quality", "emit"]
+    facts = result.manifest["stage_facts"]
+    assert facts["1:download"]["downloader"] == "img2dataset"
+
+
+def test_caption_only_pool_writes_a_url_list_and_downloads_nothing(server, tmp_path, ray_session):
+    """MetaCLIP's workflow: curate the alt texts (input.format urls, emit.images false), get
+    metadata/ + rejected/ + an img2dataset-ready URL list of the kept rows, no tars; then a
+    second job downloads exactly those."""
+    base, files, log = server
+    meta, urls = _metaclip_lists(tmp_path / "lists", base)
+    out = tmp_path / "out"
+    spec = _job(tmp_path / "lists", out, stages=[{"metaclip": {"metadata": str(meta), "t": 4}}],
+                emit={"images": False, "shard_size": 3})
+    assert [s.name for s in spec.stages] == ["metaclip"]
+    before = len(log)
+    result = run_job(spec)
+    assert requested(log[before:]) == []
+    kept, rejected, images = _outputs(out)
+    assert images == {} and not (out / "shards").exists()
+    assert len(kept) + len(rejected) == len(urls) and len({r["uid"] for r in kept + rejected}) == len(urls)
+    lists = sorted((out / "urls").glob("*.parquet"))
+    assert [p.name for p in lists] == [f"{i:06d}.parquet" for i in range((len(kept) + 2) // 3)]
+    url_rows = pa.concat_tables([pq.read_table(p) for p in lists])
+    assert url_rows.schema.names == ["url", "caption", "uid"]
+    assert url_rows.to_pylist() == [{"url": r["url"], "caption": r["caption"], "uid": r["uid"]} for r in kept]
+    assert {r["shard"] for r in kept} == {f"urls/{p.name}" for p in lists}
+    assert [s["name"] for s in result.manifest["shards"]] == [f"urls/{p.name}" for p in lists]
+    assert {r["drop_stage"] for r in rejected} == {"metaclip"}
+
+    # The URL list is a URL list: the next job downloads exactly the rows it holds.
+    before = len(log)
+    run_job(_job(out / "urls", tmp_path / "second", stages=[{"quality": {"min_side": 16}}]))
+    assert sorted(requested(log[before:])) == _paths(base, [r["url"] for r in kept])
+    assert len(_outputs(tmp_path / "second")[0]) == len(kept)
+
+
+def test_caption_only_pool_refuses_image_stages_exit_2(tmp_path, capsys):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "l.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a dog\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "x", "input": {"format": "urls", "path": str(lists)},
+                                   "output": str(tmp_path / "out"), "emit": {"images": False},
+                                   "stages": [{"metaclip": {}}, {"quality": {}}]}))
+    assert cli_main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "stages[1].quality reads image bytes" in err and "caption-only" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stages,names", [
+    ([{"quality": {}}], ["download", "quality"]),
+    ([], ["download"]),
+    ([{"metaclip": {}}], ["metaclip", "download"]),
+    ([{"metaclip": {}}, {"language": {}}, {"quality": {}}, {"metaclip": {}}], ["metaclip", "language", "download",
+                                                                             "quality", "metaclip"]),
+    ([{"recaption": {"mode": "rewrite", "backend": "openai", "model": "m", "endpoint": "http://x/v1"}},
+      {"quality": {}}], ["recaption", "download", "quality"]),
+    ([{"metaclip": {}}, {"download": {"threads": 3}}, {"language": {}}], ["metaclip", "download", "language"]),
+])
+def test_download_goes_after_the_stages_that_need_no_pixels(tmp_path, stages, names):
+    spec = make_job(tmp_path, tmp_path / "out", stages=stages, fmt="urls", input={"download_timeout": 7})
+    assert [s.name for s in spec.stages] == names
+    dl = spec.stages[names.index("download")].config
+    assert dl.timeout == 7 and dl.threads == (3 if any("download" in s for s in stages) else 16)
+    again = make_job(tmp_path, tmp_path / "out", stages=spec.dump()["stages"], fmt="urls",
+                     input={"download_timeout": 7})
+    assert again.fingerprint() == spec.fingerprint()  # the written spec reads back as the same job
+
+
+@pytest.mark.parametrize("fmt,stages,emit,match", [
+    ("urls", [{"quality": {}}, {"download": {}}], {}, r"stages\[0\]\.quality reads image bytes, but comes before "
+                                                       r"stages\[1\]\.download"),
+    ("urls", [{"download": {}}, {"download": {}}], {}, r"stages\[1\]\.download: listed twice"),
+    ("webdataset", [{"download": {}}], {}, r"stages\[0\]\.download: input.format 'webdataset' has its images"),
+    ("urls", [{"download": {}}], {"images": False}, r"emit.images is false"),
+])
+def test_misplaced_download_is_a_config_error(tmp_path, fmt, stages, emit, match):
+    with pytest.raises(ConfigError, match=match):
+        make_job(tmp_path, tmp_path / "out", stages=stages, fmt=fmt, emit=emit)
+
+
+# --------------------------------------------------------------------------- reading the lists
 
 
 def test_list_without_url_column_is_a_config_error_before_writing(tmp_path):
@@ -234,7 +404,8 @@ def test_keep_columns_is_refused_for_url_lists(tmp_path):
 
 def test_read_url_list_formats(tmp_path):
     job = _job(tmp_path, tmp_path / "out")
-    (tmp_path / "l.jsonl").write_text('{"url": "http://x/a.jpg", "caption": "a\u2028b"}\r\n\n{"url": "http://x/b.jpg"}\nnot json\n')
+    (tmp_path / "l.jsonl").write_text('{"url": "http://x/a.jpg", "caption": "a\u2028b"}\r\n\n'
+                                      '{"url": "http://x/b.jpg"}\nnot json\n')
     t = read_url_list(str(tmp_path / "l.jsonl"), "l.jsonl", job.input)
     assert t.to_pydict() == {"url": ["http://x/a.jpg", "http://x/b.jpg", None], "caption": ["a\u2028b", None, None],
                              "src_file": ["l.jsonl"] * 3, "src_row": [0, 2, 3], "src_error": [None] * 3}
@@ -242,29 +413,3 @@ def test_read_url_list_formats(tmp_path):
     t = read_url_list(str(tmp_path / "l.tsv"), "l.tsv", job.input)
     assert t.to_pydict() == {"url": ["http://x/a.jpg", "http://x/b.jpg"], "caption": ["5", ""],
                              "src_file": ["l.tsv"] * 2, "src_row": [0, 1], "src_error": [None] * 2}
-
-
-def test_read_download_shard_orders_rows_and_flags_damage(tmp_path):
-    """A hand-made img2dataset shard: tar samples in download order, one sample missing."""
-    jpg = _image("JPEG", (64, 64), 9)
-    meta = {"url": ["u2", "u0", "u1", "u3"], "caption": ["c2", "c0", None, "c3"], "src_file": ["l.csv"] * 4,
-            "src_row": [2, 0, 1, 3], "key": ["002", "000", "001", "003"],
-            "status": ["failed_to_download", "success", "success", "success"],
-            "error_message": ["HTTP Error 404: Not Found", None, None, None]}
-    pq.write_table(pa.table(meta), tmp_path / "00000.parquet")
-    with tarfile.open(tmp_path / "00000.tar", "w") as tf:
-        for name, data in [("001.jpg", jpg), ("001.json", b"{}"), ("000.jpg", jpg), ("000.txt", b"c0")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    shard = InputShard(0, "download", str(tmp_path / "00000.tar"), rel="00000.tar", files=("/lists/l.csv",))
-    errors: list[str] = []
-    job = _job(tmp_path, tmp_path / "out")
-    t = pa.concat_tables(list(read_download_shard(shard, job.input, 3, errors)))
-    assert t.column("key").to_pylist() == ["0", "1", "2", "3"]
-    assert t.column("uid").to_pylist() == [make_uid("l.csv", str(i)) for i in range(4)]
-    assert t.column("source").to_pylist() == ["/lists/l.csv"] * 4
-    assert t.column("drop_reason").to_pylist() == [None, "missing_caption", "download_failed", "source_truncated"]
-    assert t.column("caption").to_pylist() == ["c0", None, "c2", "c3"]
-    assert t.column("image").to_pylist() == [jpg, None, None, None]
-    assert errors == ["00000.tar: 1 of 4 URL(s) failed to download: HTTP Error 404: Not Found (x1)"]
