@@ -19,12 +19,16 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pairsift.pipeline import layout, storage
 from pairsift.pipeline.images import to_trainable
+from pairsift.pipeline.imagestore import fetch_images
+from pairsift.pipeline.table import LOCATOR_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Slice:
     path: str  # a final-phase work shard (kept rows only)
     start: int
     stop: int
+    shard: Any = None  # the input shard those rows came from: where their image bytes are
 
 
 @dataclass(frozen=True)
@@ -48,16 +53,17 @@ class EmitTask:
         return sum(s.stop - s.start for s in self.slices)
 
 
-def plan_emit(work_shards: list[tuple[str, int]], shard_size: int) -> list[EmitTask]:
-    """Cut the concatenation of ``(path, kept_rows)`` into tasks of ``shard_size`` rows."""
+def plan_emit(work_shards: list[tuple], shard_size: int) -> list[EmitTask]:
+    """Cut the concatenation of ``(path, kept_rows[, input shard])`` into tasks of
+    ``shard_size`` rows."""
     tasks: list[EmitTask] = []
     current: list[Slice] = []
     room = shard_size
-    for path, n in work_shards:
+    for path, n, *rest in work_shards:
         start = 0
         while start < n:
             take = min(room, n - start)
-            current.append(Slice(path, start, start + take))
+            current.append(Slice(path, start, start + take, rest[0] if rest else None))
             start += take
             room -= take
             if room == 0:
@@ -117,9 +123,12 @@ def _json_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
-def _read_slices(task: EmitTask) -> pa.Table:
+def _read_slices(task: EmitTask, output: str, input_spec: Any) -> pa.Table:
+    """The task's rows; their image bytes fetched back from where they are (the shard's image
+    store or the source) unless the work shard carries them."""
     parts = []
     for s in task.slices:
+        mine = []
         fs, p = storage.fs_path(s.path)
         with fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -127,10 +136,17 @@ def _read_slices(task: EmitTask) -> pa.Table:
             for rb in pf.iter_batches(batch_size=1024):
                 lo, hi = max(s.start - seen, 0), min(s.stop - seen, rb.num_rows)
                 if lo < hi:
-                    parts.append(pa.Table.from_batches([rb.slice(lo, hi - lo)]))
+                    mine.append(pa.Table.from_batches([rb.slice(lo, hi - lo)]))
                 seen += rb.num_rows
                 if seen >= s.stop:
                     break
+        if not mine:
+            continue
+        rows = pa.concat_tables(mine, promote_options="permissive")
+        if "image" not in rows.column_names and s.shard is not None:
+            images = fetch_images(rows, s.shard, input_spec, output, rows=np.arange(rows.num_rows))
+            rows = rows.append_column("image", pa.array(images, pa.binary()))
+        parts.append(rows)
     return pa.concat_tables(parts, promote_options="permissive")
 
 
@@ -143,9 +159,11 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_emit_shard(output: str, task: EmitTask, captions_from: CaptionPolicy | None = None) -> dict:
+def write_emit_shard(output: str, task: EmitTask, captions_from: CaptionPolicy | None = None,
+                     input_spec: Any = None) -> dict:
     """Write one training shard and its metadata; return {name, samples, bytes}."""
-    table = _read_slices(task)
+    table = _read_slices(task, output, input_spec)
+    table = table.drop_columns([c for c in LOCATOR_COLUMNS if c in table.column_names])
     # The final phase already made every image trainable (and says which it transcoded).
     was_transcoded = table.column("transcoded").to_pylist() if "transcoded" in table.column_names else None
     if was_transcoded is not None:

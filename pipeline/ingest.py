@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError
-from pairsift.pipeline.table import BASE_SCHEMA, make_uid
+from pairsift.pipeline.table import BASE_SCHEMA, INGEST_SCHEMA, make_uid
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "mpo", "apng", "jfif",
               "ppm", "pgm", "pbm", "pnm", "heic", "heif")
@@ -195,7 +195,7 @@ def discover(input_spec) -> list[InputShard]:
     keep = list(getattr(input_spec, "keep_columns", None) or [])
     if keep and fmt != "parquet":
         raise ConfigError(f"input.keep_columns: only Parquet input carries extra columns (input.format is {fmt!r})")
-    taken = [c for c in keep if c in BASE_SCHEMA.names]
+    taken = [c for c in keep if c in INGEST_SCHEMA.names]
     if taken:
         raise ConfigError(f"input.keep_columns: {', '.join(map(repr, taken))} would replace the row column(s) "
                           f"of the same name; rename them in the source")
@@ -301,7 +301,7 @@ class _RowBuffer:
     def __init__(self, shard: InputShard, batch_size: int, extra: pa.Schema | None = None):
         self.shard = shard
         self.batch_size = batch_size
-        self.rows: dict[str, list] = {f.name: [] for f in BASE_SCHEMA}
+        self.rows: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
         self.seen: dict[tuple[str, str], int] = {}
         #: Source columns carried as they are (``input.keep_columns``): Arrow chunks that the
         #: caller appends with ``extend_extra`` in step with ``add``.
@@ -311,9 +311,11 @@ class _RowBuffer:
         self.notes: Counter = Counter()
 
     def add(self, key: str, image: bytes | None, caption: str | None, url: str | None = None,
-            reason: str | None = None, source: str | None = None, uid_source: str | None = None) -> None:
+            reason: str | None = None, source: str | None = None, uid_source: str | None = None,
+            loc: tuple[int, int] | None = None) -> None:
         """One row. ``key``, ``source`` and the uid source are raw (surrogates allowed); what
-        is stored is valid UTF-8 (:func:`safe_text`)."""
+        is stored is valid UTF-8 (:func:`safe_text`). ``loc``: where the image bytes are in the
+        source (:data:`~pairsift.pipeline.table.LOCATOR_SCHEMA`), if they can be read back."""
         uid_source = uid_source or self.shard.rel
         n = self.seen.get((uid_source, key), 0)
         self.seen[(uid_source, key)] = n + 1
@@ -334,6 +336,9 @@ class _RowBuffer:
         r["image"].append(image if reason is None else None)
         r["drop_reason"].append(reason)
         r["drop_stage"].append("ingest" if reason else None)
+        keep_loc = loc is not None and reason is None
+        r["image_offset"].append(loc[0] if keep_loc else None)
+        r["image_size"].append(loc[1] if keep_loc else None)
 
     def __len__(self) -> int:
         return len(self.rows["uid"])
@@ -352,8 +357,9 @@ class _RowBuffer:
     def flush(self) -> pa.Table | None:
         if not self.rows["uid"]:
             return None
-        t = pa.table({k: pa.array(v, type=BASE_SCHEMA.field(k).type) for k, v in self.rows.items()}, schema=BASE_SCHEMA)
-        self.rows = {f.name: [] for f in BASE_SCHEMA}
+        t = pa.table({k: pa.array(v, type=INGEST_SCHEMA.field(k).type) for k, v in self.rows.items()},
+                     schema=INGEST_SCHEMA)
+        self.rows = {f.name: [] for f in INGEST_SCHEMA}
         if self.extra is not None and len(self.extra):
             extra = pa.concat_tables(self.extra_chunks).cast(pa.schema([f.with_nullable(True) for f in self.extra]))
             self.extra_chunks = []
@@ -401,14 +407,20 @@ def _json_url(data) -> tuple[str | None, str | None]:
     return None, f".json url is a {type(url).__name__}, not a string: url left empty"
 
 
-def _image_member(members: dict):
+def _image_ext(members: dict) -> str | None:
+    """Which member is the sample's image."""
     for ext in IMAGE_EXTS:
         if ext in members:
-            return members[ext]
-    for ext, data in members.items():  # e.g. "seg.png" double extensions: take any image-like member
+            return ext
+    for ext in members:  # e.g. "seg.png" double extensions: take any image-like member
         if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
-            return data
+            return ext
     return None
+
+
+def _image_member(members: dict):
+    ext = _image_ext(members)
+    return None if ext is None else members[ext]
 
 
 def _member_role(ext: str, caption_ext: str) -> str | None:
@@ -527,13 +539,15 @@ def read_tar(shard: InputShard, input_spec, batch_size: int, errors: list[str]) 
     current_key: str | None = None
     members: dict[str, object] = {}
 
+    locs: dict[str, tuple[int, int]] = {}  # member data offsets: a plain tar can be read back by range
+
     def emit():
         image, caption, url, reason, note = _sample_from_members(members, caption_ext)
         if note:
             buf.notes[note] += 1
         if damage:
             image, reason = None, "source_corrupt"
-        buf.add(current_key, image, caption, url, reason)
+        buf.add(current_key, image, caption, url, reason, loc=locs.get(_image_ext(members) or ""))
 
     with fsspec.open(shard.path, "rb") as raw:
         # GzipFile, not tarfile's own gzip stream: that one reads only the first gzip member
@@ -557,7 +571,7 @@ def read_tar(shard: InputShard, input_spec, batch_size: int, errors: list[str]) 
                         key = key[2:]
                     if current_key is not None and (key != current_key or ext in members):
                         emit()
-                        members = {}
+                        members, locs = {}, {}
                         if buf.full():
                             yield buf.flush()
                     current_key = key
@@ -568,6 +582,8 @@ def read_tar(shard: InputShard, input_spec, batch_size: int, errors: list[str]) 
                         data = TooLarge(info.size)
                     else:
                         data = tf.extractfile(info).read()
+                        if role == "image" and not gzipped:
+                            locs[ext] = (info.offset_data, info.size)
                     members[ext] = data
             if current_key is not None:
                 emit()
@@ -602,10 +618,10 @@ def input_schema(shard: InputShard, input_spec) -> pa.Schema:
     """The schema of the rows ``read_shard`` yields for ``shard``: the base schema, plus the
     ``input.keep_columns`` of a Parquet source with their types there."""
     if shard.kind != "parquet" or not getattr(input_spec, "keep_columns", None):
-        return BASE_SCHEMA
+        return INGEST_SCHEMA
     with fsspec.open(shard.path, "rb") as f:
         extra = _kept_fields(pq.ParquetFile(f).schema_arrow, input_spec)
-    return pa.schema(list(BASE_SCHEMA) + [f.with_nullable(True) for f in extra])
+    return pa.schema(list(INGEST_SCHEMA) + [f.with_nullable(True) for f in extra])
 
 
 def parquet_batches(pf: pq.ParquetFile, columns: list[str], batch_size: int, path: str,
@@ -687,7 +703,7 @@ def read_parquet(shard: InputShard, input_spec, batch_size: int, errors: list[st
                     image, reason = None, "member_too_large"
                 if url is not None and len(url) > limits.text:
                     reason = reason or "member_too_large"
-                buf.add(str(row), image, caption, _url_value(url, limits.text), reason)
+                buf.add(str(row), image, caption, _url_value(url, limits.text), reason, loc=(row, -1))
                 row += 1
             if buf.full():
                 yield buf.flush()
@@ -731,7 +747,7 @@ def read_folder(shard: InputShard, input_spec, batch_size: int, errors: list[str
     root = fs._strip_protocol(shard.path)
     caption_ext = input_spec.caption_field
     limits = Limits.of(input_spec)
-    for rel in shard.files:
+    for index, rel in enumerate(shard.files):
         stem = rel.rsplit(".", 1)[0]
         image = _read_capped(fs, posixpath.join(root, rel), limits.image, errors)
         raw = _read_capped(fs, posixpath.join(root, f"{stem}.{caption_ext}"), limits.text, errors)
@@ -740,7 +756,8 @@ def read_folder(shard: InputShard, input_spec, batch_size: int, errors: list[str
             image, reason = None, "member_too_large"
         elif image is None:
             reason = "missing_image"
-        buf.add(stem, image, caption, None, reason, source=posixpath.join(shard.path, rel), uid_source=rel)
+        buf.add(stem, image, caption, None, reason, source=posixpath.join(shard.path, rel), uid_source=rel,
+                loc=(index, len(image)) if isinstance(image, bytes) else None)  # the chunk's file number
         if buf.full():
             yield buf.flush()
     t = buf.flush()

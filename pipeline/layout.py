@@ -10,7 +10,8 @@ OUT/report.html
 OUT/_work/job.json             the job's identity: spec fingerprint, inputs, what pairsift owns here
 OUT/_work/lock                 held while a driver runs the job
 OUT/_work/ledger/<step>/...    one commit marker (+ partial) per task
-OUT/_work/p<k>/NNNNNN.parquet  work shards of phase k
+OUT/_work/p<k>/NNNNNN.parquet  work shards of phase k (columns only: no image bytes)
+OUT/_work/images/NNNNNN/       image bytes that exist nowhere else (gzip'd tars, downloads)
 ```
 
 Every path under OUT that pairsift writes is built here, and :func:`owned_paths` lists
@@ -62,6 +63,16 @@ def work_path(output: str, phase: int, name: str) -> str:
 def stage_work_dir(output: str, name: str) -> str:
     """Scratch space of one stage (spill files), removed with ``_work``."""
     return storage.join(output, "_work", name)
+
+
+def image_store(output: str, name: str, phase: int) -> str:
+    """Image bytes of input shard ``name`` that exist nowhere else (gzip'd tars, downloads,
+    transcoded images), written by phase ``phase``."""
+    return storage.join(output, "_work", "images", name, f"p{phase}.parquet")
+
+
+def image_store_dir(output: str, name: str | None = None) -> str:
+    return storage.join(output, "_work", "images", *([name] if name else []))
 
 
 def rejected_path(output: str, name: str) -> str:

@@ -23,6 +23,7 @@ from pairsift.pipeline import layout, storage
 from pairsift.pipeline.emit import CaptionPolicy, plan_emit, write_emit_shard
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.executor import TASK_RETRIES, Executor, LocalExecutor, RayExecutor
+from pairsift.pipeline.imagestore import remove_stores
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.manifest import build_manifest, format_summary
 from pairsift.pipeline.plan import Phase, plan_phases
@@ -294,7 +295,7 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
                     storage.remove_tree(layout.phase_dir(spec.output, p.index))
 
     final = phases[-1]
-    kept = [(layout.work_path(spec.output, final.index, s.name), summ["kept"])
+    kept = [(layout.work_path(spec.output, final.index, s.name), summ["kept"], s)
             for s, summ in zip(shards, summaries[final.index])]
     tasks = plan_emit(kept, spec.emit.shard_size)
     storage.write_json(layout.plan_file(spec.output), {**plan, "emit_tasks": len(tasks)})
@@ -302,7 +303,7 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
     t0 = time.perf_counter()
     captions_from = CaptionPolicy(spec.emit.caption_policy, spec.emit.p_original, spec.seed,
                                   column=spec.caption_column() or "recaption")
-    ran = executor.map(_emit_and_commit, todo, lambda t: (spec.output, t, captions_from, None,
+    ran = executor.map(_emit_and_commit, todo, lambda t: (spec.output, t, captions_from, spec.input,
                                                           spec.emit.images),
                        {"num_cpus": 1.0}, "emit", count_rows=lambda r: r["samples"])
     emitted = [ledger.summary("emit", t.name) for t in tasks]
@@ -323,6 +324,7 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
         for stage in stages:  # spill files and decisions of the global stages
             if isinstance(stage, GlobalStage):
                 storage.remove_tree(stage.work_dir)
+        remove_stores(spec.output)
     return JobResult(spec.output, manifest, phase_summaries=summaries)
 
 
@@ -366,7 +368,7 @@ def _emit_and_commit(output: str, task, captions_from: CaptionPolicy | None = No
     if not images:
         result = write_url_shard(output, task)
     else:
-        result = write_emit_shard(output, task, captions_from)
+        result = write_emit_shard(output, task, captions_from, input_spec)
     Ledger(output).commit("emit", task.name, result)
     return result
 

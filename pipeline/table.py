@@ -29,6 +29,18 @@ BASE_SCHEMA = pa.schema(
 )
 
 
+#: Where a row's image bytes are in its ``source``, recorded by the readers so that no phase
+#: after the first, and not the emit, needs the bytes copied (ARCHITECTURE.md, "Image bytes are
+#: written once"): a plain tar member's data offset and size, a folder file's number in its
+#: chunk (``InputShard.files``) and size, a Parquet row's index and -1. Null: the bytes exist nowhere else (a gzip'd tar, a download, a
+#: transcoded image), so the phase that has them puts them in the shard's image store.
+LOCATOR_SCHEMA = pa.schema([pa.field("image_offset", pa.int64()), pa.field("image_size", pa.int64())])
+LOCATOR_COLUMNS = tuple(LOCATOR_SCHEMA.names)
+
+#: What the readers yield: the base schema and the image locator.
+INGEST_SCHEMA = pa.schema(list(BASE_SCHEMA) + list(LOCATOR_SCHEMA))
+
+
 def make_uid(source_rel: str, key: str, repeat: int = 0) -> str:
     """Stable 128-bit hex id of a sample: hash of its source path (relative to the input
     root, so moving the data keeps the ids) and its key in that source.

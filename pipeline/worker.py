@@ -20,7 +20,8 @@ from pairsift.pipeline.errors import ConfigError, JobError
 from pairsift.pipeline.images import ImageRejected, make_trainable
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.plan import Phase
-from pairsift.pipeline.table import live_mask, mark_dropped, set_column
+from pairsift.pipeline.imagestore import ImageStoreWriter, fetch_images
+from pairsift.pipeline.table import LOCATOR_COLUMNS, live_mask, mark_dropped, set_column
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import Stage, StageContext
 from pairsift.pipeline.ingest import InputShard, input_schema, read_shard
@@ -155,9 +156,25 @@ def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, An
         new = [[f.name, str(f.type)] for f in batch.schema if f.name not in before]
         if new:
             added.setdefault(step.stage, []).extend(new)
-    if phase.final:
+    if "image" in batch.column_names:
         batch = _trainable(batch)
     return batch.schema, added
+
+
+def _needs_pixels(spec, phase: Phase) -> bool:
+    """Whether a stage of the phase reads image bytes (its map part: ``apply`` reads stored
+    columns)."""
+    return any(get_stage_class(s.name).needs_pixels(spec.stages[s.stage].config)
+               for s in phase.steps if s.mode == "process")
+
+
+def _with_images(batches, shard: InputShard, spec, timings: Counter):
+    """Work-shard batches with the live rows' image bytes fetched back (store or source)."""
+    for batch in batches:
+        t0 = time.perf_counter()
+        images = fetch_images(batch, shard, spec.input, spec.output)
+        timings["fetch_images"] += time.perf_counter() - t0
+        yield set_column(batch, "image", images, pa.binary())
 
 
 def _trainable(batch: pa.Table) -> pa.Table:
@@ -182,10 +199,16 @@ def _trainable(batch: pa.Table) -> pa.Table:
                 continue
             if data is not images[i]:
                 images[i], transcoded[i], changed = data, True, True
-        if changed:
+        if changed:  # new bytes exist nowhere else: no locator, so the image store keeps them
             batch = set_column(batch, "image", images, pa.binary())
+            for col in LOCATOR_COLUMNS:
+                if col in batch.column_names:
+                    old = batch.column(col).to_pylist()
+                    batch = set_column(batch, col, [None if t else v for v, t in zip(old, transcoded)], pa.int64())
         if any(reasons):
             batch = mark_dropped(batch, reasons, "emit")
+    if "transcoded" in batch.column_names:  # checked in an earlier phase already
+        transcoded = [a or b for a, b in zip(batch.column("transcoded").to_pylist(), transcoded)]
     return set_column(batch, "transcoded", transcoded, pa.bool_())
 
 
@@ -240,7 +263,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
                 batch = _run_guarded(stage.process, batch, step.name, errors)
             failed[k] += len(errors) - before
             timings[step.name] += time.perf_counter() - t0
-        if phase.final:
+        if "image" in batch.column_names:  # bytes in memory: make them trainable once, here
             t0 = time.perf_counter()
             batch = _trainable(batch)
             timings["trainable"] += time.perf_counter() - t0
@@ -250,8 +273,9 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
     for i in used:  # the shard a stage's combine / apply works for (spill files, per-shard decisions)
         get_stage(spec, i, extras).shard = shard
     rows_per_batch = phase_batch_rows([get_stage(spec, i, extras) for i in used])
+    load = not phase.first and _needs_pixels(spec, phase)  # fetch the image bytes back for this phase
     if phase.first:
-        in_schema = input_schema(shard, spec.input)  # BASE_SCHEMA + input.keep_columns
+        in_schema = input_schema(shard, spec.input)  # INGEST_SCHEMA + input.keep_columns
         batches = read_shard(shard, spec.input, rows_per_batch, source_errors)
     else:
         src = work_path(out, phase.input_phase, name)
@@ -265,21 +289,28 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
                 columns = [c for c in dict.fromkeys([*ROW_COLUMNS, *wanted]) if c in in_schema.names]
                 in_schema = pa.schema([in_schema.field(c) for c in columns])
         batches = _work_batches(src, rows_per_batch, columns)
+        if load:
+            if "image" not in in_schema.names:
+                in_schema = in_schema.append(pa.field("image", pa.binary()))
+            batches = _with_images(batches, shard, spec, timings)
     schema, added = _probe_schema(spec, phase, in_schema, states, extras)
     align = _Aligner(schema)
+    # Work shards carry columns only; rejected rows carry neither pixels nor where they were.
+    work_schema = pa.schema([f for f in schema if f.name != "image"])
+    store = ImageStoreWriter(out, name, phase.index) if "image" in schema.names else None
 
     scan_stage = get_stage(spec, phase.scan, extras) if phase.scan is not None else None
     partials = []
     rows_in = kept = live_in = 0
     reasons: Counter = Counter()
     keep_path = work_path(out, phase.index, name)
-    rej_schema = pa.schema([f for f in schema if f.name not in ("image", "transcoded")])
+    rej_schema = pa.schema([f for f in schema if f.name not in ("image", "transcoded", *LOCATOR_COLUMNS)])
 
     with ExitStack() as stack:
         wkeep = wrej = None
         if phase.writes:
-            wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), schema,
-                                     compression=_codecs(schema))
+            wkeep = pq.ParquetWriter(stack.enter_context(storage.atomic_open(keep_path)), work_schema,
+                                     compression=_codecs(work_schema))
         if phase.final:
             frej = stack.enter_context(storage.atomic_open(rejected_path(out, name)))
             wrej = pq.ParquetWriter(frej, rej_schema, compression="zstd")
@@ -299,9 +330,11 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
                 partials.append(scan_stage.scan(batch, phase.pass_name, scan_state))
                 timings["scan"] += time.perf_counter() - t0
             t0 = time.perf_counter()
+            if store is not None:
+                store.add_unlocated(batch)
             if wrej is not None:
                 live = pa.array(live_mask(batch))
-                kept_batch = batch.filter(live)
+                kept_batch = batch.filter(live).select(work_schema.names)
                 rej = batch.filter(pc.invert(live)).select(rej_schema.names)
                 kept += kept_batch.num_rows
                 for st, r in zip(rej.column("drop_stage").to_pylist(), rej.column("drop_reason").to_pylist()):
@@ -311,12 +344,13 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             else:
                 kept += int(live_mask(batch).sum())
                 if wkeep is not None:
-                    wkeep.write_table(batch)
+                    wkeep.write_table(batch.select(work_schema.names))
             timings["write"] += time.perf_counter() - t0
         if wkeep is not None:
             wkeep.close()
         if wrej is not None:
             wrej.close()
+        stored = store.close() if store is not None else 0
 
     for step in phase.steps:  # the stages' own breakdown (decode / infer / ...)
         for part, secs in get_stage(spec, step.stage, extras).take_timings().items():
@@ -337,8 +371,9 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         "source_errors": source_errors,
         "columns": {str(k): v for k, v in added.items()},
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "io": _io_facts(shard.path if phase.first else work_path(out, phase.input_phase, name),
-                        [keep_path] if phase.writes else [], [rejected_path(out, name)] if phase.final else []),
+        "io": {**_io_facts(shard.path if phase.first else work_path(out, phase.input_phase, name),
+                           [keep_path] if phase.writes else [], [rejected_path(out, name)] if phase.final else []),
+               "image_bytes_stored": stored},
     }
     Ledger(out).commit(phase.step_name, name, summary, partial)
     log.info("phase %s [%s]: shard %s committed: %d rows, %d kept", phase.index, phase.label, name, rows_in, kept)

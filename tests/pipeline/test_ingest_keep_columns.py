@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_job
 from pairsift.pipeline.errors import ConfigError
-from pairsift.pipeline.table import BASE_SCHEMA
+from pairsift.pipeline.table import INGEST_SCHEMA as BASE_SCHEMA  # the base schema and the image locator
 from pairsift.pipeline.ingest import discover, input_schema, read_shard
 
 
