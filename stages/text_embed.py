@@ -126,15 +126,18 @@ class TextEmbedStage(Stage[TextEmbedConfig]):
         if importlib.util.find_spec("sentence_transformers") is None:
             raise ConfigError("text_embed needs the 'sentence-transformers' package (pip install sentence-transformers)")
         resolve_model(self.config.model, fetch=True)
-        if self.config.device == "cuda" and self.context.cluster.get("GPU", 0) < 1:
-            raise ConfigError("text_embed.device: cuda, but the cluster has no GPU")
 
     @classmethod
     def needs_pixels(cls, config) -> bool:
         return False  # captions only
 
     def resources(self) -> Resources:
-        return Resources(cpus=1.0, gpus=1.0 if self.config.device == "cuda" else 0.0)
+        """One CPU a worker (one torch thread); with ``device: cuda`` one GPU a worker."""
+        if self.config.device == "cuda":
+            if self.context.cluster.get("GPU", 0) < 1:
+                raise ConfigError("text_embed.device: cuda, but the cluster has no GPU")
+            return Resources(cpus=1.0, gpus=1.0)
+        return Resources(cpus=1.0)
 
     def batch_rows(self) -> int:
         return self.config.batch_size

@@ -118,6 +118,16 @@ def test_models_that_cannot_load_are_config_errors(tmp_path, monkeypatch):
         TextEmbedConfig(modle="x")
 
 
+def test_resources_one_cpu_or_one_gpu():
+    from pairsift.stages.base import Resources, StageContext
+
+    assert TextEmbedStage(TextEmbedConfig()).resources() == Resources(cpus=1.0, gpus=0.0)
+    gpu = TextEmbedStage(TextEmbedConfig(device="cuda"), StageContext(extras={"cluster": {"CPU": 8, "GPU": 2}}))
+    assert gpu.resources() == Resources(cpus=1.0, gpus=1.0)
+    with pytest.raises(ConfigError, match="no GPU"):
+        TextEmbedStage(TextEmbedConfig(device="cuda"), StageContext(extras={"cluster": {"CPU": 8}})).resources()
+
+
 def test_semdedup_on_caption_embeddings_drops_the_retyped_captions(tmp_path):
     """text_embed then semdedup (the quickstart's pair), in-process: the reposted photos whose
     caption was retyped go, the photo they repeat stays, every uid ends in exactly one place."""
