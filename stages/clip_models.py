@@ -387,6 +387,70 @@ def load(model: str, pretrained: str | None, device: str = "cpu", precision: str
                        embed_dim(model, where), quick)
 
 
+# --------------------------------------------------------------------------- decoding on the device
+
+#: The steps of open_clip's inference preprocess that :class:`TensorPreprocess` runs on tensors.
+_TENSOR_STEPS = ("Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "ToTensor", "Normalize")
+
+
+class TensorPreprocess:
+    """open_clip's inference ``preprocess`` on decoded images held as uint8 RGB tensors (C, H,
+    W) on any device, for ``clip_score.decode: gpu``: JPEGs are decoded in batches by
+    ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA, libjpeg-turbo on CPU)
+    and the preprocess's own ``Resize`` and ``CenterCrop`` (torchvision transforms, which take
+    tensors: bicubic with antialiasing, rounded back to uint8 as Pillow's resize is) run there
+    too, then /255 and its ``Normalize``. The pixels differ from Pillow's resize by a few
+    levels at edges, so scores differ slightly from ``decode: cpu`` (the test bounds it).
+
+    Only the ``shortest`` resize mode (every open_clip ViT/ConvNeXt config) is built of those
+    steps; any other preprocess raises ConfigError. Anything that is not a JPEG, a CMYK JPEG
+    (Pillow's conversion is the reference), or a file torchvision refuses (it fails on any
+    libjpeg warning: truncation, corrupt data) is left to the caller's Pillow path (None), so a
+    damaged image gets Pillow's verdict."""
+
+    def __init__(self, preprocess: Any, device: Any):
+        names = [type(t).__name__ for t in getattr(preprocess, "transforms", [preprocess])]
+        unknown = [n for n in names if n not in _TENSOR_STEPS]
+        if unknown:
+            raise ConfigError(f"{WHERE}.decode: gpu runs open_clip's preprocess on tensors, which this model's "
+                              f"preprocess ({', '.join(names)}) cannot do ({', '.join(unknown)}); use decode: cpu")
+        self.steps = [t for t in preprocess.transforms if type(t).__name__ in ("Resize", "CenterCrop")]
+        self.normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+        self.device = device
+
+    def decode(self, images: list[bytes]) -> list[Any]:
+        """The model inputs of ``images`` (float32 tensors on the device), None where this
+        path cannot decode one (the caller decodes those with Pillow)."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[Any] = [None] * len(images)
+        rows = [i for i, d in enumerate(images) if d[:3] == b"\xff\xd8\xff"]
+        if not rows:
+            return out
+        data = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in rows]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=self.device)
+        except Exception:  # one bad image fails the batch: decode one by one, the bad ones stay None
+            decoded = []
+            for x in data:
+                try:
+                    decoded.append(decode_jpeg(x, mode=ImageReadMode.UNCHANGED, device=self.device))
+                except Exception:  # noqa: BLE001 - Pillow gets its turn
+                    decoded.append(None)
+        for i, x in zip(rows, decoded):
+            # greyscale as Pillow's convert("RGB") makes it; CMYK (4 channels) is Pillow's to convert
+            if x is not None and x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[1] > 0 and x.shape[2] > 0:
+                out[i] = self.tensor(x.expand(3, -1, -1) if x.shape[0] == 1 else x)
+        return out
+
+    def tensor(self, x: Any) -> Any:
+        """One decoded uint8 (3, H, W) image as the model's input."""
+        for step in self.steps:
+            x = step(x)
+        return self.normalize(x.float().div_(255.0))
+
+
 # --------------------------------------------------------------------------- running
 
 #: On CPU every model call embeds at most this many pairs, with one torch thread.

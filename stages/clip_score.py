@@ -16,7 +16,11 @@ model runs with the activation its weights were trained with: QuickGELU for Open
 (Radford et al. 2021) and every tag open_clip marks ``quick_gelu``
 (:func:`pairsift.stages.clip_models.quick_gelu`). On CPU the scores do not depend on the
 number of CPUs: every model call runs with one torch thread on a fixed batch
-(:class:`pairsift.stages.clip_models.PairEmbedder`).
+(:class:`pairsift.stages.clip_models.PairEmbedder`). ``decode: gpu`` decodes JPEGs in batches
+with torchvision on the model's device and resizes them there
+(:class:`pairsift.stages.clip_models.TensorPreprocess`); everything else, and whatever
+torchvision refuses, is decoded by Pillow as with ``decode: cpu`` (so the drops are the same,
+the scores within ~1e-3: torchvision's antialiased bicubic is not Pillow's).
 
 With ``top_fraction`` the stage is global, with two passes that keep the driver small at any
 pool size (the histogram-then-narrow-pass of ``concept_prune``): ``histogram`` counts the live
@@ -33,19 +37,19 @@ import os
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages import clip_models
-from pairsift.stages.base import GlobalStage, StageConfig
+from pairsift.stages.base import GlobalStage, StageConfig, decision, runtime
 
 log = logging.getLogger("pairsift.clip_score")
 
@@ -55,16 +59,29 @@ class ClipScoreConfig(StageConfig):
     model: str = "ViT-B-32"
     #: open_clip tag, ``hf-hub:org/repo[/file]``, a checkpoint file, or ``random``.
     pretrained: str | None = "laion2b_s34b_b79k"
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = runtime(256, ge=1)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    min_score: float | None = None
-    top_fraction: float | None = Field(None, gt=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = runtime("auto")
+    min_score: float | None = decision(None)
+    top_fraction: float | None = decision(None, gt=0, le=1)
     save_embeddings: bool = True
     #: CPUs one worker asks for (default: all the job's CPUs on a CPU job, CPUs / GPUs on a GPU job).
-    cpus_per_worker: int | None = Field(None, ge=1)
+    cpus_per_worker: int | None = runtime(None, ge=1)
     #: Threads decoding and preprocessing images (default: the worker's CPUs).
-    decode_threads: int | None = Field(None, ge=1)
+    decode_threads: int | None = runtime(None, ge=1)
+    #: ``cpu``: Pillow decodes, open_clip's preprocess resizes (as open_clip_train's loader);
+    #: ``gpu``: JPEGs decoded in batches by torchvision on the model's device (nvJPEG on CUDA;
+    #: libjpeg-turbo where the model runs on CPU) and resized there
+    #: (:class:`pairsift.stages.clip_models.TensorPreprocess`); other images through Pillow.
+    decode: Literal["cpu", "gpu"] = "cpu"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_decode(self, handler):
+        """``decode`` is dumped only when set: specs from before it keep their fingerprint."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("decode") == "cpu":
+            d.pop("decode")
+        return d
 
     @field_validator("model")
     @classmethod
@@ -98,6 +115,7 @@ class ClipScoreStage(GlobalStage):
         self._loaded: clip_models.LoadedModel | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._embedder: clip_models.PairEmbedder | None = None
+        self._on_device: clip_models.TensorPreprocess | None = None  # decode: gpu
         self._quick_gelu: bool | None = None
         self._dim: int | None = None
         self._timings: Counter = Counter()
@@ -169,11 +187,14 @@ class ClipScoreStage(GlobalStage):
         self._embedder = clip_models.PairEmbedder(self._loaded, workers)
         threads = c.decode_threads or workers
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="clip-decode")
+        if c.decode == "gpu":
+            self._on_device = clip_models.TensorPreprocess(self._loaded.preprocess, self._loaded.device)
         warnings.filterwarnings("ignore", message="Palette images with Transparency")
-        log.info("clip_score: loaded %s (%s) on %s, %s, %s, %s, %d decode threads, in %.1f s",
+        log.info("clip_score: loaded %s (%s) on %s, %s, %s, %s, %d decode threads%s, in %.1f s",
                  c.model, c.pretrained, device, precision, "QuickGELU" if self._loaded.quick_gelu else "GELU",
                  f"{workers} model threads of 1 torch thread" if device == "cpu" else "one model thread",
-                 threads, time.perf_counter() - t0)
+                 threads, f", JPEGs decoded by torchvision on {device}" if self._on_device else "",
+                 time.perf_counter() - t0)
         return self._loaded
 
     def _embed_dim(self) -> int:
@@ -197,10 +218,36 @@ class ClipScoreStage(GlobalStage):
             x = None
         return x, time.perf_counter() - t0
 
+    def _prepare_on_device(self, data: bytes):
+        """:meth:`_prepare` with the tensor moved to the model's device (``decode: gpu``'s
+        Pillow path, for images torchvision does not decode)."""
+        x, secs = self._prepare(data)
+        return (x.to(self._loaded.device) if x is not None else None), secs
+
+    def _decode_on_device(self, images: list[bytes]) -> list[Future]:
+        """``decode: gpu``: the batch's JPEGs decoded and preprocessed on the model's device,
+        the rest (other formats, what torchvision refuses) by Pillow in the decode threads;
+        futures in :meth:`_prepare`'s shape, in order."""
+        t0 = time.perf_counter()
+        tensors = self._on_device.decode(images)
+        share = (time.perf_counter() - t0) / max(1, sum(x is not None for x in tensors))
+        out = []
+        for x, data in zip(tensors, images):
+            if x is None:
+                out.append(self._pool.submit(self._prepare_on_device, data))
+            else:
+                done: Future = Future()
+                done.set_result((x, share))
+                out.append(done)
+        return out
+
     def _embed(self, images: list[bytes], captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ok mask, image embeddings, text embeddings) of the pairs, normalised, float32."""
         m = self._ensure_model()
-        futures = [self._pool.submit(self._prepare, d) for d in images]
+        if self._on_device is not None:
+            futures = self._decode_on_device(images)
+        else:
+            futures = [self._pool.submit(self._prepare, d) for d in images]
         t0 = time.perf_counter()
         tokens = m.tokenizer(captions)
         self._timings["tokenize"] += time.perf_counter() - t0
@@ -283,7 +330,8 @@ class ClipScoreStage(GlobalStage):
             self._timings["infer"] += time.perf_counter() - t0
         return ok, image, text
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def compute(self, batch: pa.Table) -> pa.Table:
+        """Scores (and embeddings) of the live pairs; images that do not decode are dropped."""
         c: ClipScoreConfig = self.config
         n = batch.num_rows
         live = live_mask(batch)
@@ -317,10 +365,17 @@ class ClipScoreStage(GlobalStage):
             for name, emb in (("image_emb", img_emb), ("text_emb", txt_emb)):
                 arr = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim, mask=mask)
                 batch = set_column(batch, name, arr)
-        if c.min_score is not None:
-            for i in np.flatnonzero(scored):
-                if not scores[i] >= c.min_score:  # NaN fails too
-                    reasons[i] = "clip_score"
+        return mark_dropped(batch, reasons, self.name)
+
+    def decide(self, batch: pa.Table) -> pa.Table:
+        """``min_score``: drop the live pairs scoring below it (NaN too)."""
+        c: ClipScoreConfig = self.config
+        if c.min_score is None or not batch.num_rows:
+            return batch
+        live = live_mask(batch)
+        scores = batch.column("clip_score").to_pylist()
+        reasons = [self.name if ok and s is not None and not s >= c.min_score else None
+                   for ok, s in zip(live, scores)]
         return mark_dropped(batch, reasons, self.name)
 
     # ------------------------------------------------------------------ top_fraction
