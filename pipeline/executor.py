@@ -6,8 +6,9 @@ returns their summaries in item order.
 
 * :class:`RayExecutor` — the production one: joins the configured cluster or starts a Ray of
   the job's own, runs each call as a Ray task with the resources the phase asks for, at most
-  as many at once as the job may use, retrying a failed task ``TASK_RETRIES`` times; each
-  result says which node ran it (the manifest's phase timings count tasks per node).
+  as many at once as the job may use, each on the alive node with the most room for it,
+  retrying a failed task ``TASK_RETRIES`` times; each result says which node ran it (the
+  manifest's phase timings count tasks per node).
 * :class:`LocalExecutor` — runs every call in this process, one after another, with no
   retries: for tests, and for stepping through a stage under a debugger
   (``pairsift run --executor local``).
@@ -22,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
@@ -181,6 +183,12 @@ class RayExecutor(Executor):
             cpus = min(cpus, spec.ray.num_cpus)
         self.limit = max(1, cpus)
 
+    @staticmethod
+    def _affinity(node_id: str, soft: bool):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(node_id=node_id, soft=soft)
+
     def cluster(self) -> dict[str, float]:
         have = self.ray.cluster_resources()
         return {"CPU": float(self.limit), "GPU": float(have.get("GPU", 0.0))}
@@ -188,12 +196,36 @@ class RayExecutor(Executor):
     def put(self, obj: Any) -> Any:
         return self.ray.put(obj)
 
+    def _node_slots(self, resources: dict[str, float]) -> dict[str, int]:
+        """How many tasks of this size each alive node holds at once (its CPUs and GPUs over the
+        task's), in node-id order; nodes that hold none (a head started with no CPUs) left out."""
+        slots = {}
+        for n in sorted(self.ray.nodes(), key=lambda n: n.get("NodeID", "")):
+            have = n.get("Resources") or {}
+            if not n.get("Alive") or not n.get("NodeID"):
+                continue
+            fits = [have.get("CPU", 0.0) / resources.get("num_cpus", 1.0)] if resources.get("num_cpus") else []
+            if resources.get("num_gpus"):
+                fits.append(have.get("GPU", 0.0) / resources["num_gpus"])
+            k = int(min(fits) + 1e-9) if fits else 1
+            if k > 0:
+                slots[n["NodeID"]] = k
+        return slots
+
     def map(self, fn, items, make_args, resources, desc, count_rows):
-        """As :meth:`Executor.map`; a dict result also says which Ray node ran it (``node``)."""
+        """As :meth:`Executor.map`; a dict result also says which Ray node ran it (``node``).
+
+        Each task goes to the alive node with the most free room for it, counting this map's
+        tasks in flight (soft node affinity: where that node cannot run it, or has died, Ray
+        places it elsewhere). Left to Ray's default, a phase of short tasks runs on one worker:
+        a task queued when another finishes reuses that worker's lease, so one node would do a
+        whole phase (and all its downloads) while the others idle."""
         ray = self.ray
         if _on_node not in self._remote:
             self._remote[_on_node] = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=True)(_on_node)
-        task = self._remote[_on_node].options(name=getattr(fn, "__name__", "task"), **resources)
+        remote, name = self._remote[_on_node], getattr(fn, "__name__", "task")
+        slots = self._node_slots(resources)
+        busy: Counter = Counter()  # this map's tasks in flight per node
         results: list[dict | None] = [None] * len(items)
         pending: dict = {}
         todo = list(enumerate(items))
@@ -202,10 +234,15 @@ class RayExecutor(Executor):
             while todo or pending:
                 while todo and len(pending) < self.limit:
                     i, item = todo.pop(0)
-                    pending[task.remote(fn, *make_args(item))] = (i, item)
+                    node = max(slots, key=lambda n: slots[n] - busy[n]) if slots else None
+                    where = {} if node is None else {"scheduling_strategy": self._affinity(node_id=node, soft=True)}
+                    call = remote.options(name=name, **resources, **where)
+                    busy[node] += 1
+                    pending[call.remote(fn, *make_args(item))] = (i, item, node)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    i, item = pending.pop(ref)
+                    i, item, node = pending.pop(ref)
+                    busy[node] -= 1
                     try:
                         results[i] = ray.get(ref)
                     except Exception as e:  # after Ray's retries
