@@ -219,8 +219,8 @@ def cpu_per_sample(input_dir: str, urls: list[str], work: str, shard_size: int, 
     t0 = time.process_time()
     summary = run_phase_shard(spec, phase, shard, {})
     t1 = time.process_time()
-    task = plan_emit([(work_path(out, phase.index, shard.name), summary["kept"])], max(summary["kept"], 1))[0]
-    write_emit_shard(out, task)
+    task = plan_emit([(work_path(out, phase.index, shard.name), summary["kept"], shard)], max(summary["kept"], 1))[0]
+    write_emit_shard(out, task, None, spec.input)  # the images are read back from the source shard
     t2 = time.process_time()
     return {"plain_ms": 1e3 * plain_cpu / n_plain, "phase_ms": 1e3 * (t1 - t0) / summary["rows"],
             "emit_ms": 1e3 * (t2 - t1) / summary["rows"], "pairsift_ms": 1e3 * (t2 - t0) / summary["rows"]}
@@ -306,11 +306,11 @@ def profile_one_shard(input_dir: str, output: str, shard_size: int, num_cpus: in
           f"({summary['rows'] / wall:,.0f} samples/s on one core); worker timings {summary['timings']}")
     _print_stats(prof, top)
 
-    task = plan_emit([(work_path(output, phase.index, shard.name), summary["kept"])], summary["kept"])[0]
+    task = plan_emit([(work_path(output, phase.index, shard.name), summary["kept"], shard)], summary["kept"])[0]
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    write_emit_shard(output, task)
+    write_emit_shard(output, task, None, spec.input)
     prof.disable()
     wall = time.perf_counter() - t0
     print(f"\n== cProfile write_emit_shard, {task.samples} rows: {wall:.2f} s ({task.samples / wall:,.0f} samples/s)")

@@ -9,7 +9,8 @@ replaced: ``process`` copies ``column`` into ``clip_score`` (float32) instead of
 model, and everything after — the ``histogram`` and ``cut`` passes, the driver's merge of a
 2^20-bin histogram and the cut-off bin, ``apply`` — is clip_score's own code. Rule (as
 clip_score's): exactly round(f·N) of the N live pairs are kept, the highest scores, ties to
-the smaller uid.
+the smaller uid; the rest are dropped with clip_score's reason, ``clip_score``, and
+``drop_stage: stored_score_cut``.
 """
 
 from __future__ import annotations
