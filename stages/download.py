@@ -98,6 +98,7 @@ class _Collected:
 
 class DownloadStage(Stage[DownloadConfig]):
     name = "download"
+    cacheable = False  # it fetches the image bytes themselves: the image store keeps them, once
     scores = ()
 
     @classmethod
@@ -117,6 +118,14 @@ class DownloadStage(Stage[DownloadConfig]):
         super().__init__(config, context)
         self._classes = None
         self._seconds = 0.0
+
+    def preflight(self) -> None:
+        import importlib.util
+
+        from pairsift.pipeline.errors import ConfigError
+
+        if importlib.util.find_spec("img2dataset") is None:
+            raise ConfigError("download: img2dataset is not installed (pip install img2dataset)")
 
     def setup(self) -> None:
         self._classes = _import_img2dataset()
