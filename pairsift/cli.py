@@ -28,6 +28,8 @@ def _cmd_run(args) -> int:
     if output and "://" not in output:  # URLs (s3://, gs://) are left as they are
         output = os.path.abspath(output)
     spec = load_job(args.job, output=output, num_cpus=args.num_cpus)
+    if args.cache is not None:
+        spec.cache = os.path.abspath(args.cache) if args.cache and "://" not in args.cache else args.cache
     result = run_job(spec, restart=args.restart, executor=args.executor)
     print(format_summary(result.manifest))
     print(f"\noutput: {result.output}  (pairsift stats {result.output})")
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output folder (overrides the spec's output)")
     run.add_argument("--num-cpus", type=int, help="CPUs for local Ray / at most this many tasks at once")
     run.add_argument("--restart", action="store_true", help="discard the output folder's earlier run and start over")
+    run.add_argument("--cache", help="compute cache folder, shared by outputs (default OUT/_cache; '' for none)")
     run.add_argument("--executor", choices=("ray", "local"), default="ray",
                      help="ray (default), or local: every task in this process, one after another (for debugging)")
     run.set_defaults(func=_cmd_run)

@@ -12,6 +12,7 @@ OUT/_work/lock                 held while a driver runs the job
 OUT/_work/ledger/<step>/...    one commit marker (+ partial) per task
 OUT/_work/p<k>/NNNNNN.parquet  work shards of phase k (columns only: no image bytes)
 OUT/_work/images/NNNNNN/       image bytes that exist nowhere else (gzip'd tars, downloads)
+OUT/_cache/<stage>-<fp>/...    computed columns per row (the compute cache; --restart keeps it)
 ```
 
 Every path under OUT that pairsift writes is built here, and :func:`owned_paths` lists
@@ -73,6 +74,11 @@ def image_store(output: str, name: str, phase: int) -> str:
 
 def image_store_dir(output: str, name: str | None = None) -> str:
     return storage.join(output, "_work", "images", *([name] if name else []))
+
+
+def cache_dir(output: str) -> str:
+    """The job's compute cache unless ``--cache`` names a shared one: kept by ``--restart``."""
+    return storage.join(output, "_cache")
 
 
 def rejected_path(output: str, name: str) -> str:

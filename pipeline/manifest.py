@@ -69,9 +69,21 @@ def build_manifest(spec, shards, final_summaries, emitted, stage_facts, phase_ti
         "shards": emitted,
         "rejected": [f"rejected/{sh.name}.parquet" for sh in shards],
         "stage_facts": stage_facts,
+        "cache": _cache_totals(final_summaries, phase_times),
         "columns": columns or [],
         "timings": {"ray_init_s": round(ray_init_s, 3), "phases": phase_times},
     }
+
+
+def _cache_totals(final_summaries, phase_times) -> dict:
+    """Rows each stage took from the compute cache and rows it computed (all phases)."""
+    out: dict[str, dict[str, int]] = {}
+    for t in phase_times:
+        for stage, n in (t.get("cache") or {}).items():
+            d = out.setdefault(stage, {"reused": 0, "computed": 0})
+            d["reused"] += n["reused"]
+            d["computed"] += n["computed"]
+    return out
 
 
 def format_summary(manifest: dict) -> str:
@@ -91,6 +103,10 @@ def format_summary(manifest: dict) -> str:
             continue
         rate = t["samples"] / t["seconds"] if t["seconds"] else 0.0
         lines.append(f"  {t['phase']:<28} {t['seconds']:>8.1f} s  {rate:>10,.0f} samples/s  ({t['shards_run']}/{t['shards']} shards run)")
+    cache = manifest.get("cache") or {}
+    if cache:
+        parts = [f"{k.split(':', 1)[-1]} {v['reused']:,} reused / {v['computed']:,} computed" for k, v in cache.items()]
+        lines.append("compute cache: " + "; ".join(parts))
     bad = [i for i in manifest["inputs"] if i["source_errors"]]
     if bad:
         lines.append(f"{len(bad)} input shard(s) had read errors (see manifest.json inputs[].source_errors)")

@@ -52,7 +52,12 @@ class JobResult:
 def preflight(spec: JobSpec, restart: bool = False) -> list:
     """Everything that can fail on configuration, before anything is written: each stage's
     own checks, the inputs, the output folder (never where the job reads, never someone
-    else's files), and whether the output holds another job or the same job over other inputs."""
+    else's files), and whether the output holds another job or the same job over other inputs.
+
+    The output may hold an earlier run of the same job (same ``name``) with another spec (a new
+    threshold, a new model): that is a rerun — :func:`run_job` starts it over, and the compute
+    cache keeps every column whose computation did not change. Another job's output is refused
+    unless ``restart``."""
     stages = []
     for i, entry in enumerate(spec.stages):
         stage = get_stage_class(entry.name)(entry.config, StageContext(seed=spec.seed, output=spec.output, index=i))
@@ -68,12 +73,14 @@ def preflight(spec: JobSpec, restart: bool = False) -> list:
     job_file = layout.job_file(spec.output)
     if storage.exists(job_file) and not restart:
         old = storage.read_json(job_file)
-        if old.get("fingerprint") != spec.fingerprint():
+        if old.get("fingerprint") != spec.fingerprint() and old.get("name") != spec.name:
             raise ConfigError(
                 f"output {spec.output} holds a different job ({old.get('name')!r}, spec "
                 f"{old.get('fingerprint')}); this spec is {spec.fingerprint()}. Use another "
                 f"--output, or --restart to discard the old output."
             )
+        if old.get("fingerprint") != spec.fingerprint():
+            return stages  # the same job with another spec: a rerun
         inputs = input_identity(spec.input)
         if old.get("inputs") is not None and old["inputs"] != inputs:
             was, now = old["inputs"], inputs
@@ -110,7 +117,14 @@ def run_job(spec: JobSpec, restart: bool = False, executor: Executor | str | Non
         stage.context = replace(stage.context, extras={**stage.context.extras, "cluster": cluster})
     check_resources(stages, cluster)
     with JobLock(spec.output):
-        if restart:  # only what a pairsift job recorded writing here
+        if not restart and storage.exists(layout.job_file(spec.output)):
+            old = storage.read_json(layout.job_file(spec.output))
+            if old.get("fingerprint") != spec.fingerprint():  # the same job, another spec: start over
+                log.warning("output %s holds an earlier run of %r with another spec: starting over (computed "
+                            "columns are reused from the cache where their computation is unchanged)",
+                            spec.output, spec.name)
+                restart = True
+        if restart:  # only what a pairsift job recorded writing here (the compute cache stays)
             for path in owned_to_remove(spec.output):
                 storage.remove_tree(path)
         artifacts = sorted({a for st in stages for a in type(st).artifacts}
@@ -388,15 +402,20 @@ def _phase_resources(stages: list, phase: Phase) -> dict:
 def _phase_timing(phase: Phase, summaries: list[dict], wall: float, ran: int) -> dict:
     t: Counter = Counter()
     io = {"bytes_read": 0, "bytes_written": 0, "worker_rss_peak_mb": 0.0}
+    cache: dict[str, dict[str, int]] = {}
     for s in summaries:
         t.update(s.get("timings", {}))
+        for stage, n in (s.get("cache") or {}).items():
+            d = cache.setdefault(stage, {"reused": 0, "computed": 0})
+            d["reused"] += n["reused"]
+            d["computed"] += n["computed"]
         facts = s.get("io") or {}
         io["bytes_read"] += facts.get("bytes_read", 0)
         io["bytes_written"] += facts.get("bytes_written", 0)
         io["worker_rss_peak_mb"] = max(io["worker_rss_peak_mb"], facts.get("rss_peak_mb", 0.0))
     rows = sum(s["rows"] for s in summaries)
     return {"phase": phase.label, "seconds": round(wall, 3), "shards": len(summaries), "shards_run": ran,
-            "samples": rows, "worker_seconds": {k: round(v, 3) for k, v in sorted(t.items())}, **io,
+            "samples": rows, "worker_seconds": {k: round(v, 3) for k, v in sorted(t.items())}, **io, "cache": cache,
             "driver_rss_peak_mb": _driver_rss_mb()}
 
 

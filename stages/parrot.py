@@ -35,8 +35,8 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pairsift.pipeline.errors import ConfigError
-from pairsift.pipeline.table import mark_dropped, set_column
-from pairsift.stages.base import Stage, StageConfig
+from pairsift.pipeline.table import live_mask, mark_dropped, set_column
+from pairsift.stages.base import Stage, StageConfig, decision, runtime
 from pairsift.stages.cotr import SCORES, cotr, cotr_normalized, spells
 
 #: The CLIP similarity is computed at most this many images at a time.
@@ -57,14 +57,14 @@ class ClipModelConfig(StageConfig):
 class ParrotConfig(StageConfig):
     engine: str = "rapidocr"
     #: Which subset is kept: CoTR < 0.3, CoTR = 0, images without text, or CoTR <= ``max_cotr``.
-    policy: Literal["cotr_below_0.3", "cotr_zero", "no_text", "max_cotr"] = "cotr_below_0.3"
+    policy: Literal["cotr_below_0.3", "cotr_zero", "no_text", "max_cotr"] = decision("cotr_below_0.3")
     #: Which CoTR the CoTR policies read: the paper's, or pairsift's normalised / fuzzy variant.
     score: Literal["cotr", "cotr_normalized", "cotr_fuzzy"] = "cotr"
     #: Only with ``policy: max_cotr``: drop where the score exceeds it.
-    max_cotr: float | None = Field(None, ge=0.0, le=1.0)
+    max_cotr: float | None = decision(None, ge=0.0, le=1.0)
     #: ``no_text``: an image is a text image when its legible lines cover more than this share
     #: (0: any legible text, the paper's "empty OCR results").
-    min_text_area: float = Field(0.0, ge=0.0, le=1.0)
+    min_text_area: float = decision(0.0, ge=0.0, le=1.0)
     #: Longer side of the cheap detection pass; null: no cheap pass, accurate detection on all.
     gate_side: int | None = Field(640, ge=32)
     #: The cheap pass is unsure (and the accurate pass runs) where it shrank the image and its
@@ -73,7 +73,7 @@ class ParrotConfig(StageConfig):
     gate_min_prob: float | None = Field(0.3, ge=0.0, le=1.0)
     clip_check: bool = False
     clip: ClipModelConfig | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = runtime("auto")
 
     @model_validator(mode="after")
     def _max_cotr_with_its_policy(self):
@@ -326,7 +326,9 @@ class ParrotStage(Stage):
             return boxes[keep], [texts[i] for i in keep]
         return boxes[keep], [texts[i] for i in keep], [words[i] for i in keep] if words is not None else None
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def compute(self, batch: pa.Table) -> pa.Table:
+        """OCR, the CoTR scores and (with ``clip_check``) the CLIP drop of every live row;
+        images that do not decode are dropped (``decode_error``)."""
         c: ParrotConfig = self.config
         if self.engine is None and batch.num_rows:
             self.setup()
@@ -368,11 +370,6 @@ class ParrotStage(Stage):
             scores["cotr"][i] = cotr(captions[i], ocr_text[i])
             scores["cotr_normalized"][i] = cotr_normalized(captions[i], ocr_text[i])
             scores["cotr_fuzzy"][i] = cotr_normalized(captions[i], ocr_text[i], fuzzy=True)
-            if c.policy == "no_text":
-                if n_boxes[i] and area[i] > c.min_text_area:
-                    reasons[i] = "text_image"
-            elif c.drops_parrot(scores[c.score][i]):
-                reasons[i] = "parrot"
             if c.clip_check:
                 spelled = spelled_regions(captions[i], texts, boxes, words, c.score)
                 if len(spelled):
@@ -390,4 +387,25 @@ class ParrotStage(Stage):
             batch = set_column(batch, name, scores[name], pa.float32())
         if c.clip_check:
             batch = set_column(batch, "clip_text_drop", drop, pa.float32())
+        return mark_dropped(batch, reasons, self.name)
+
+    def decide(self, batch: pa.Table) -> pa.Table:
+        """The policy, on the stored OCR columns: ``no_text`` drops text images
+        (``text_image``), the CoTR policies drop parrots (``parrot``)."""
+        c: ParrotConfig = self.config
+        if not batch.num_rows:
+            return batch
+        live = live_mask(batch)
+        boxes = batch.column("ocr_boxes").to_pylist()
+        area = batch.column("text_area").to_pylist()
+        score = batch.column(c.score).to_pylist()
+        reasons: list[str | None] = [None] * batch.num_rows
+        for i in np.flatnonzero(live):
+            if boxes[i] is None:
+                continue
+            if c.policy == "no_text":
+                if boxes[i] and area[i] > c.min_text_area:
+                    reasons[i] = "text_image"
+            elif c.drops_parrot(score[i]):
+                reasons[i] = "parrot"
         return mark_dropped(batch, reasons, self.name)

@@ -42,27 +42,28 @@ import re
 import warnings
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 from pydantic import Field, model_serializer
 
 from pairsift.pipeline.images import ImageRejected, inspect_image, sniff_format
-from pairsift.pipeline.table import mark_dropped, set_column
-from pairsift.stages.base import Stage, StageConfig
+from pairsift.pipeline.table import live_mask, mark_dropped, set_column
+from pairsift.stages.base import Stage, StageConfig, decision, runtime
 
 _WS = re.compile(r"\s+")
 
 
 class QualityConfig(StageConfig):
-    min_side: int = Field(64, ge=1)
+    min_side: int = decision(64, ge=1)
     #: Largest long/short side ratio; null: no limit.
-    max_aspect: float | None = Field(3.0, ge=1.0)
-    min_caption_words: int = Field(1, ge=0)
-    max_caption_words: int | None = Field(None, ge=1)
+    max_aspect: float | None = decision(3.0, ge=1.0)
+    min_caption_words: int = decision(1, ge=0)
+    max_caption_words: int | None = decision(None, ge=1)
     #: Fewest characters a caption may have (``len``, after the clean-up below).
-    min_caption_chars: int = Field(0, ge=0)
+    min_caption_chars: int = decision(0, ge=0)
     #: Fewest bytes the encoded image may have (LAION: 5 KB).
-    min_image_bytes: int = Field(0, ge=0)
+    min_image_bytes: int = decision(0, ge=0)
     max_pixels: int = Field(89_478_485, ge=1)
     #: ftfy's fixes (mojibake, HTML entities, control characters) on the caption.
     fix_text: bool = True
@@ -70,7 +71,7 @@ class QualityConfig(StageConfig):
     collapse_whitespace: bool = True
     #: ``scaled``: JPEGs are verified by a 1/8-scale decode (every entropy-coded byte is
     #: still read, so the same files fail); ``full``: every pixel is decoded.
-    decode_check: Literal["scaled", "full"] = "scaled"
+    decode_check: Literal["scaled", "full"] = runtime("scaled")
 
     @model_serializer(mode="wrap")
     def _omit_default_decode_check(self, handler):
@@ -139,9 +140,14 @@ def inspect_image_scaled(data: bytes, max_pixels: int) -> tuple[str, int, int]:
 
 class QualityStage(Stage):
     name = "quality"
+    rewrites = ("caption",)  # normalised text: cached with the computed columns
     Config = QualityConfig
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def compute(self, batch: pa.Table) -> pa.Table:
+        """The caption clean-up, and for every live row the image check: ``width``,
+        ``height`` and ``image_format`` as displayed, ``image_bytes``, and ``image_error``
+        (the drop reason of an image that cannot be used). Drops nothing: ``decide`` does, in
+        the rule order the stage has always had."""
         c: QualityConfig = self.config
         images = batch.column("image").to_pylist()
         captions = batch.column("caption").to_pylist()
@@ -150,9 +156,10 @@ class QualityStage(Stage):
         widths: list[int | None] = [None] * n
         heights: list[int | None] = [None] * n
         formats: list[str | None] = [None] * n
+        sizes: list[int | None] = [None] * n
+        errors: list[str | None] = [None] * n
         raw: list[str | None] = [None] * n
         clean: list[str | None] = list(captions)
-        reasons: list[str | None] = [None] * n
         inspect = inspect_image_scaled if c.decode_check == "scaled" else inspect_image
         for i in range(n):
             if captions[i] is not None:
@@ -163,25 +170,43 @@ class QualityStage(Stage):
                 continue
             data = images[i]
             if data is None:
-                reasons[i] = "missing_image"
+                errors[i] = "missing_image"
                 continue
-            if len(data) < c.min_image_bytes:
-                reasons[i] = "too_few_bytes"
-                continue
-            reasons[i] = self._caption_reason(clean[i])
-            if reasons[i] is not None:
-                continue  # no need to decode a pair that is dropped anyway
+            sizes[i] = len(data)
             try:
                 formats[i], widths[i], heights[i] = inspect(data, c.max_pixels)
             except ImageRejected as e:
-                reasons[i] = e.reason
-                continue
-            reasons[i] = self._size_reason(widths[i], heights[i])
+                errors[i] = e.reason
         batch = set_column(batch, "caption", clean, pa.string())
         batch = set_column(batch, "caption_raw", raw, pa.string())
         batch = set_column(batch, "width", widths, pa.int32())
         batch = set_column(batch, "height", heights, pa.int32())
         batch = set_column(batch, "image_format", formats, pa.string())
+        batch = set_column(batch, "image_bytes", sizes, pa.int64())
+        return set_column(batch, "image_error", errors, pa.string())
+
+    def decide(self, batch: pa.Table) -> pa.Table:
+        """The rules, first failing one wins: missing image, too few bytes, the caption rules,
+        an image that cannot be used (decode error, decompression bomb), too small, bad aspect."""
+        n = batch.num_rows
+        if not n:
+            return batch
+        c: QualityConfig = self.config
+        live = live_mask(batch)
+        cols = {k: batch.column(k).to_pylist() for k in ("caption", "width", "height", "image_bytes", "image_error")}
+        reasons: list[str | None] = [None] * n
+        for i in np.flatnonzero(live):
+            error = cols["image_error"][i]
+            if error == "missing_image":
+                reasons[i] = error
+            elif cols["image_bytes"][i] is not None and cols["image_bytes"][i] < c.min_image_bytes:
+                reasons[i] = "too_few_bytes"
+            elif (why := self._caption_reason(cols["caption"][i])) is not None:
+                reasons[i] = why
+            elif error is not None:
+                reasons[i] = error
+            else:
+                reasons[i] = self._size_reason(cols["width"][i], cols["height"][i])
         return mark_dropped(batch, reasons, self.name)
 
     def _caption_reason(self, caption: str | None) -> str | None:

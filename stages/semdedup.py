@@ -44,7 +44,7 @@ from pydantic import Field
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
-from pairsift.stages.base import StageConfig
+from pairsift.stages.base import StageConfig, decision, runtime
 from pairsift.stages.clustering import ClusteringStage, max_similarity_to_earlier, normalise
 
 #: Most cluster members the merge holds at once (a larger cluster is read alone).
@@ -54,11 +54,11 @@ GATHER_ROWS = 1 << 17
 class SemDedupConfig(StageConfig):
     embedding: str = "image_emb"
     clusters: int = Field(1000, ge=1)
-    eps: float = Field(0.07, gt=0, lt=1)
+    eps: float = decision(0.07, gt=0, lt=1)
     kmeans_sample: int = Field(100_000, ge=1)
     kmeans_iterations: int = Field(20, ge=1)
     #: Spill partitions (contiguous ranges of cluster ids): one parallel reduce task each.
-    partitions: int = Field(64, ge=1)
+    partitions: int = runtime(64, ge=1)
 
 
 def _range_of(clusters: np.ndarray, k: int, parts: int) -> np.ndarray:

@@ -90,10 +90,13 @@ def test_rerun_skips_committed_shards_and_refuses_other_specs(clean_run, small_s
     assert (first["shards"], first["shards_run"]) == (shards, shards - 3)
     assert _files(out) == _files(clean_run)
 
+    # another job on this output is refused; the same job (name) with another spec is a rerun
     with pytest.raises(ConfigError, match="holds a different job"):
-        run_job(make_job(small_shards, out, stages=[{"quality": {"min_side": 10}}]))
-    run_job(make_job(small_shards, out, stages=[{"quality": {"min_side": 10}}]), restart=True)
+        run_job(make_job(small_shards, out, stages=[{"quality": {"min_side": 10}}], name="other"))
+    run_job(make_job(small_shards, out, stages=[{"quality": {"min_side": 10}}]))
     assert len(_uids(out, "rejected")) == 3  # no dedup, and the 40 px thumbnail passes now
+    run_job(make_job(small_shards, out, stages=[{"quality": {"min_side": 10}}], name="other"), restart=True)
+    assert len(_uids(out, "rejected")) == 3
 
 
 def test_sample_that_raises_is_dropped_and_the_job_goes_on(ray_session, small_shards, tmp_path):
