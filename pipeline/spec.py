@@ -147,9 +147,14 @@ class JobSpec(_Strict):
             (name, options), = entry.items()
             try:
                 stage_cls = get_stage_class(name)
-            except KeyError:
+            except KeyError as e:
+                from pairsift.stages import IMPORT_ERRORS
+
+                broken = "".join(f"; {m} failed to import: {err}" for m, err in sorted(IMPORT_ERRORS.items()))
+                detail = "" if str(e.args[0]) == name else f" ({e.args[0]})"
                 raise ValueError(
-                    f"[{i}] unknown stage {name!r}; known stages: {', '.join(stage_names())}"
+                    f"[{i}] unknown stage {name!r}{detail if ':' in name else ''}; known stages: "
+                    f"{', '.join(stage_names())}{broken}"
                 ) from None
             try:
                 config = stage_cls.Config.model_validate(options or {})

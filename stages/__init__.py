@@ -17,6 +17,8 @@ import pkgutil
 
 _DISCOVERED = False
 ENTRY_POINT_GROUP = "pairsift.stages"
+#: Stage modules that failed to import: module -> the error (shown with an unknown stage name).
+IMPORT_ERRORS: dict[str, str] = {}
 
 
 def _discover() -> None:
@@ -28,8 +30,8 @@ def _discover() -> None:
     for info in pkgutil.iter_modules(__path__, __name__ + "."):
         try:
             importlib.import_module(info.name)
-        except ImportError:  # an optional dependency missing: its stages are unavailable
-            continue
+        except Exception as e:  # noqa: BLE001 - a broken module must not hide the others
+            IMPORT_ERRORS[info.name] = f"{type(e).__name__}: {e}"
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -59,7 +61,8 @@ def get_stage_class(name: str):
         ep = _entry_points().get(name)
         target = ep.value if ep is not None else (name if ":" in name else None)
         if target is None:
-            raise KeyError(name)
+            broken = "; ".join(f"{m} failed to import ({err})" for m, err in sorted(IMPORT_ERRORS.items()))
+            raise KeyError(f"{name} ({broken})" if broken else name)
         module, _, attr = target.partition(":")
         try:
             cls = importlib.import_module(module)
