@@ -44,7 +44,11 @@ def _cmd_run(args) -> int:
 def _cmd_stats(args) -> int:
     from pairsift.pipeline.stats import print_stats, run_sql
 
-    if args.sql:
+    if args.what_if:
+        from pairsift.pipeline.whatif import format_what_if, what_if
+
+        print(format_what_if(what_if(args.output, args.what_if)))
+    elif args.sql:
         print(run_sql(args.output, args.sql))
     else:
         print_stats(args.output)
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="funnel and score summaries of a finished job (DuckDB)")
     st.add_argument("output", help="the job's output folder")
     st.add_argument("--sql", help="run this query; tables `samples` and `rejected` are registered")
+    st.add_argument("--what-if", action="append", metavar="STAGE.FIELD=VALUE",
+                    help="the funnel this decision would give, from the stored columns (repeatable), "
+                         "e.g. --what-if clip_score.min_score=0.3")
     st.set_defaults(func=_cmd_stats)
     sp = sub.add_parser("sample-pool", help="make the quickstart's sample pool (no network needed)")
     sp.add_argument("folder", help="where to write the WebDataset tars")

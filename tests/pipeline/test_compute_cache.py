@@ -151,3 +151,39 @@ def test_two_outputs_from_one_cache_side_by_side(tiny, pool, tmp_path, calls):
     assert calls == []
     assert result.manifest["cache"]["1:clip_score"]["reused"] == n
     assert result.manifest["counts"]["kept"] < len(list((a / "metadata").glob("*"))) * 10**6
+
+
+def test_what_if_gives_the_funnel_a_rerun_gives_without_running_a_model(tiny, pool, tmp_path, calls, capsys):
+    from pairsift.cli import main as cli_main
+    from pairsift.pipeline.whatif import what_if
+
+    out = tmp_path / "out"
+    run_job(make_job(pool, out, stages=_stages(tiny)), executor="local")
+    calls.clear()
+    # stricter upstream (every row a later stage sees was computed there), looser concept_prune
+    changes = ["clip_score.min_score=0.01", "metaclip.t=1", "concept_prune.keep_fraction=0.8"]
+    predicted = what_if(str(out), changes)
+    assert calls == []
+    rerun = run_job(make_job(pool, tmp_path / "rerun", stages=_stages(tiny, min_score=0.01, t=1, keep=0.8)),
+                    executor="local")
+    assert predicted["not_computed"] == 0
+    assert [(r["stage"], r["dropped"]) for r in predicted["what_if"]] == \
+        [(r["stage"], r["dropped"]) for r in rerun.manifest["counts"]["stages"]]
+    assert predicted["what_if"][-1]["out"] == rerun.manifest["counts"]["kept"]
+
+    assert cli_main(["stats", str(out), "--what-if", "clip_score.min_score=0.02"]) == 0
+    assert "dropped (what-if)" in capsys.readouterr().out
+    assert cli_main(["stats", str(out), "--what-if", "clip_score.model=ViT-L-14"]) == 2  # a computation
+    assert cli_main(["stats", str(out), "--what-if", "nosuch.t=1"]) == 2
+
+
+def test_what_if_counts_rows_that_were_never_computed(tiny, pool, tmp_path):
+    from pairsift.pipeline.whatif import what_if
+
+    strict = _stages(tiny)
+    strict[0] = {"quality": {"min_side": 300}}
+    out = tmp_path / "out"
+    run_job(make_job(pool, out, stages=strict), executor="local")
+    result = what_if(str(out), ["quality.min_side=32"])
+    assert result["not_computed"] > 0
+    assert result["what_if"][1]["dropped"] < result["actual"][1]["dropped"]  # quality drops fewer
