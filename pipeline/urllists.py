@@ -48,6 +48,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 from collections import Counter
 from typing import Iterator
@@ -326,6 +327,21 @@ def _packed(sizes: list[int], shard_size: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _same_time(copy: str, source: str) -> None:
+    """Give a local normalised list its source list's modification time: rewritten on every run
+    (a restart removes ``_work``), it still names the same input as long as the list is the
+    same (the compute cache knows input shards by their files' sizes and times)."""
+    if storage.is_url(copy):
+        return  # an object store's ETag is the content's hash already
+    try:
+        fs, p = storage.fs_path(source)
+        mtime = fs.info(p).get("mtime")
+        if mtime is not None:
+            os.utime(copy, (float(mtime), float(mtime)))
+    except (OSError, TypeError, ValueError):
+        pass
+
+
 def list_url_shards(spec) -> list[InputShard]:
     """The job's input shards, on the driver; nothing is downloaded here. Each shard's
     ``path`` is its URL list (the rows' ``source``) and ``rel`` that path relative to the input
@@ -350,6 +366,7 @@ def list_url_shards(spec) -> list[InputShard]:
                     tuple(list_errors)
                 with storage.atomic_open(read) as f:
                     pq.write_table(table, f, row_group_size=inp.shard_size, compression="zstd")
+                _same_time(read, path)
                 n = table.num_rows
                 sizes = [min(inp.shard_size, n - s) for s in range(0, n, inp.shard_size)]
         except (pa.ArrowException, OSError, ValueError, csv.Error) as e:

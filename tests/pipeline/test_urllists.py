@@ -211,6 +211,30 @@ def test_uids_stable_reruns_fetch_nothing_and_a_lost_shard_only_its_urls(first_r
     assert shards[3].files[0] == str(lists / "sub" / "b.parquet")
 
 
+def test_a_rerun_that_changes_a_decision_decides_as_a_fresh_run(server, tmp_path, ray_session):
+    """The same URL job with another threshold (issue 15's rerun): it decides as a fresh run
+    does, and the stages after the download reuse what they computed, text lists included
+    (their normalised copy, rewritten, still names the same input)."""
+    base, files, log = server
+    lists = tmp_path / "lists"
+    _write_lists(lists, base)
+
+    def outcome(out: Path) -> dict[str, str | None]:
+        kept, rejected, images = _outputs(out)
+        assert set(images) == {r["uid"] for r in kept}
+        return {r["uid"]: r["drop_reason"] for r in kept + rejected} | {u: _sha(b) for u, b in images.items()}
+
+    run_job(_job(lists, tmp_path / "out", stages=[{"quality": {"min_side": 16}}]))
+    loose = outcome(tmp_path / "out")
+    result = run_job(_job(lists, tmp_path / "out", stages=[{"quality": {"min_side": 70}}]))
+    strict = outcome(tmp_path / "out")
+    run_job(_job(lists, tmp_path / "fresh", stages=[{"quality": {"min_side": 70}}], cache=""))
+    assert strict == outcome(tmp_path / "fresh") != loose
+    assert list(strict.values()).count("too_small") == 3  # green.png twice, grey.png
+    reuse = result.manifest["timings"]["phases"][0]["cache"]["1:quality"]
+    assert reuse["computed"] == 0 and reuse["reused"] == 8, reuse  # what the download gave: 7 pictures, 1 page
+
+
 def test_url_shards_follow_row_groups_and_read_as_rows(tmp_path):
     """A Parquet list is cut at its row groups (packed up to shard_size rows); a shard's rows
     have no image, are not dropped for it, and keep the list's uid rule."""
