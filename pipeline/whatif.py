@@ -161,8 +161,7 @@ def what_if(output: str, overrides: list[str]) -> dict[str, Any]:
         cls = get_stage_class(name)
         stage = cls(configs[i], StageContext(seed=spec.seed, output=work, index=i))
         if cls.is_global(configs[i]):
-            assert isinstance(stage, GlobalStage)
-            stage.setup()
+            assert isinstance(stage, GlobalStage)  # no setup(): deciding loads no model
             shards = [[rows.slice(a, ROWS_PER_SHARD)] for a in range(0, rows.num_rows, ROWS_PER_SHARD)]
             _, decided, _ = run_global_stage(stage, shards, work)
         else:

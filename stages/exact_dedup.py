@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,16 @@ from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages.base import GlobalStage, StageConfig, runtime
 
 HASH = "image_sha256"
+#: Rows a reduce task aims at (several small partitions go to one task).
+TASK_ROWS = 4_000_000
 _SPILL = pa.schema([("hash", pa.binary(16)), ("uid", pa.string()), ("shard", pa.string())])
 
 
 class ExactDedupConfig(StageConfig):
-    #: Spill partitions by hash prefix: one reduce task each (fixed, so the output does not
-    #: depend on the cluster). 256 keeps a task's partition near 4M rows per 10^9 samples.
-    partitions: int = runtime(256, ge=1, le=65536)
+    #: Spill partitions by hash prefix (fixed, so the output does not depend on the cluster);
+    #: reduce tasks take consecutive partitions up to :data:`TASK_ROWS` rows (at 10^9 samples,
+    #: 64 partitions of about 16M rows: a DuckDB group-by each).
+    partitions: int = runtime(64, ge=1, le=65536)
 
 
 def _digest(data: bytes) -> bytes:
@@ -84,25 +88,38 @@ class ExactDedupStage(GlobalStage[ExactDedupConfig]):
             rows = t.filter(pa.array(which == p))
             with storage.atomic_open(storage.join(self._part_dir(int(p)), f"{self.shard.name}.parquet")) as f:
                 pq.write_table(rows.cast(_SPILL), f)
-        return {"rows": t.num_rows, "partitions": np.unique(which).astype(np.int32), "shard": self.shard.name}
+        parts, counts = np.unique(which, return_counts=True)
+        return {"rows": t.num_rows, "partitions": parts.astype(np.int32), "counts": counts.astype(np.int64),
+                "shard": self.shard.name}
 
     def merge(self, partials, pass_name: str, state: Any) -> dict:
-        rows, spilled = 0, {}
+        rows, spilled, sizes = 0, {}, Counter()
         for p in partials:
             rows += p["rows"]
-            for q in p.get("partitions", ()):
+            for q, n in zip(p.get("partitions", ()), p.get("counts", ())):
                 spilled.setdefault(int(q), []).append(p["shard"])
-        return {"rows": rows, "spilled": spilled}
+                sizes[int(q)] += int(n)
+        return {"rows": rows, "spilled": spilled, "sizes": dict(sizes)}
 
-    def reduce_tasks(self, pass_name: str, state: dict) -> list[tuple[int, list[str]]]:
-        """One task per partition: (partition, the shards that spilled into it)."""
-        return sorted(state.get("spilled", {}).items())
+    def reduce_tasks(self, pass_name: str, state: dict) -> list[list[tuple[int, list[str]]]]:
+        """Partitions grouped into tasks of about :data:`TASK_ROWS` rows: (partition, the shards
+        that spilled into it) each. A small pool is one task; a large one, many in parallel."""
+        tasks, current, held = [], [], 0
+        for q, shards in sorted(state.get("spilled", {}).items()):
+            current.append((q, shards))
+            held += state["sizes"].get(q, 0)
+            if held >= TASK_ROWS:
+                tasks.append(current)
+                current, held = [], 0
+        return tasks + ([current] if current else [])
 
-    def reduce(self, pass_name: str, task: tuple[int, list[str]], state: dict) -> dict:
+    def reduce(self, pass_name: str, task: list[tuple[int, list[str]]], state: dict) -> list[dict]:
+        return [self._resolve(q, shards) for q, shards in task]
+
+    def _resolve(self, task: int, shards: list[str]) -> dict:
         """Resolve one partition: every non-representative member of a duplicate group."""
         import duckdb
 
-        task, shards = task
         fs, _ = storage.fs_path(self._part_dir(task))
         files = [storage.fs_path(storage.join(self._part_dir(task), f"{name}.parquet"))[1] for name in shards]
         con = duckdb.connect()
@@ -116,7 +133,8 @@ class ExactDedupStage(GlobalStage[ExactDedupConfig]):
         groups = con.execute("SELECT count(*) FROM (SELECT hash FROM spill GROUP BY hash HAVING count(*) > 1)").fetchone()
         return {"partition": task, "dropped": dec.num_rows, "groups": int(groups[0])}
 
-    def reduced(self, pass_name: str, state: dict, results: list[dict]) -> dict:
+    def reduced(self, pass_name: str, state: dict, results: list[list[dict]]) -> dict:
+        results = [r for group in results for r in group]
         return {"rows": state["rows"], "dropped": sum(r["dropped"] for r in results),
                 "groups": sum(r["groups"] for r in results), "partitions": sorted(r["partition"] for r in results),
                 "token": uuid.uuid4().hex}

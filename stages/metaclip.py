@@ -214,8 +214,8 @@ class MetaClipStage(GlobalStage):
         return 4096  # the matcher's fixed cost per call is amortised over many captions
 
     def setup(self) -> None:
-        if not self.config.worldwide:  # worldwide: each language's list on first use
-            self.matcher(SINGLE)
+        """Nothing: the matcher is built on the first batch that needs matching, so workers that
+        only apply the balancing, or find every row in the compute cache, never build it."""
 
     def summary(self) -> dict:
         c: MetaClipConfig = self.config

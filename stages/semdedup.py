@@ -135,17 +135,38 @@ class SemDedupStage(ClusteringStage):
 
     # ------------------------------------------------------------------ reduce: pairwise per cluster
 
-    def reduce_tasks(self, pass_name: str, state: dict) -> list[tuple[int, list[str]]]:
-        """One task per spill partition: (partition, the shards that spilled into it)."""
+    def reduce_tasks(self, pass_name: str, state: dict) -> list[list[tuple[int, list[str]]]]:
+        """The spill partitions, (partition, the shards that spilled into it) each, grouped into
+        about 4 tasks per CPU of the job with equal pairwise work (sum of cluster sizes squared):
+        a small pool is one task, a large one keeps every worker busy. The grouping changes
+        no decision."""
         if pass_name != "spill":
             return []
-        return sorted(state.get("spilled", {}).items())
+        spilled = sorted(state.get("spilled", {}).items())
+        if not spilled:
+            return []
+        counts = state["counts"].astype(np.float64)
+        k = counts.size
+        part = _range_of(np.arange(k), k, self._parts(k))
+        cost = np.bincount(part, weights=counts * counts, minlength=self._parts(k))
+        cpus = int(self.context.cluster.get("CPU", 1) or 1)
+        target = max(float(cost.sum()) / max(1, 4 * cpus), 1.0)
+        tasks, current, held = [], [], 0.0
+        for r, shards in spilled:
+            current.append((r, shards))
+            held += cost[r]
+            if held >= target:
+                tasks.append(current)
+                current, held = [], 0.0
+        return tasks + ([current] if current else [])
 
-    def reduce(self, pass_name: str, task: tuple[int, list[str]], state: dict) -> dict:
+    def reduce(self, pass_name: str, task: list[tuple[int, list[str]]], state: dict) -> list[dict]:
+        return [self._decide(r, shards, state) for r, shards in task]
+
+    def _decide(self, task: int, shards: list[str], state: dict) -> dict:
         """Decide every cluster of one spill partition, a range of clusters at a time (at most
         :data:`GATHER_ROWS` members, or one bigger cluster), and write the partition's
         decisions sorted by shard. Returns the duplicates per cluster."""
-        task, shards = task
         fs, _ = storage.fs_path(self._spill_dir(task))
         files = [storage.fs_path(storage.join(self._spill_dir(task), f"{name}.parquet"))[1] for name in shards]
         counts = state["counts"]
@@ -199,7 +220,8 @@ class SemDedupStage(ClusteringStage):
     def reduced(self, pass_name: str, state: dict, results: list[dict]) -> dict:
         return self._decided(state, results)
 
-    def _decided(self, state: dict, results: list[dict]) -> dict:
+    def _decided(self, state: dict, results: list) -> dict:
+        results = [r for group in results for r in (group if isinstance(group, list) else [group])]
         k = state["counts"].size
         dups = np.zeros(k, np.int64)
         for r in results:
