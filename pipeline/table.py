@@ -1,6 +1,6 @@
 """The row schema every stage shares, and the helpers that mark drops.
 
-One row per (image, caption) pair, grown column by column as stages run (DESIGN.md, "One row
+One row per (image, caption) pair, grown column by column as stages run (ARCHITECTURE.md, "One row
 per pair, nothing lost"). A filter never deletes a row: it sets ``drop_reason`` (first reason
 wins), records the stage in ``drop_stage`` and nulls the row's ``image`` bytes so later stages
 skip it cheaply.

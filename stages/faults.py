@@ -1,7 +1,7 @@
 """Stage ``fault_injection``: makes failures on purpose, to test fault tolerance.
 
 Not a curation step. It lets tests (and operators checking a new cluster) see that the runner
-does what DESIGN.md promises: a stage raising on one sample's data drops that sample with
+does what ARCHITECTURE.md promises ("Invariants"): a stage raising on one sample's data drops that sample with
 reason ``error:<stage>`` and the job goes on; a stage failing on every sample of a shard fails
 the job with the shard's path; a worker process that dies mid-shard costs one retried shard.
 Rule: a live row whose caption contains ``raise_on_caption`` raises ``ValueError``; every row
