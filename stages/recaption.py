@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA, live_mask, set_column
-from pairsift.stages.base import Stage, StageConfig
+from pairsift.stages.base import Stage, StageConfig, runtime
 from pairsift.stages.llm import Backend, GenRequest, derive_int
 from pairsift.stages.llm import prompts as P
 
@@ -59,9 +59,9 @@ class RecaptionConfig(StageConfig):
     #: A Hugging Face id or local model folder (transformers, vllm), or the served model name (openai).
     model: str
     #: openai: the server's base URL, e.g. ``http://host:8000/v1``.
-    endpoint: str | None = None
+    endpoint: str | None = runtime(None)
     #: openai: name of the environment variable holding the API key (none for local servers).
-    api_key_env: str | None = None
+    api_key_env: str | None = runtime(None)
     #: Prompt template (``{caption}``, ``{synthetic}``, ``{examples}``); null: the mode's paper's prompt.
     prompt: str | None = None
     #: rewrite: in-context examples, a list of {source, target} or a .json / .jsonl file of them.
@@ -84,17 +84,17 @@ class RecaptionConfig(StageConfig):
     #: Nucleus sampling (used when temperature > 0).
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     #: Requests in flight per worker (openai: connection pool; transformers: batch size).
-    concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0)
+    concurrency: int = runtime(8, ge=1)
+    timeout_s: float = runtime(60.0, gt=0)
+    retries: int = runtime(3, ge=0)
     #: The alt text and the fused caption are cut to this many characters in the prompt.
     max_input_chars: int = Field(1000, ge=16)
     #: transformers: ``from_pretrained`` arguments; vllm: ``vllm.LLM`` arguments.
     engine_args: dict[str, Any] = Field(default_factory=dict)
     #: GPUs per worker (null: 1 for vllm, 1 for transformers when the cluster has GPUs, else 0).
-    num_gpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = runtime(None, ge=0)
     #: openai: ask the server in preflight whether it serves ``model``.
-    check_endpoint: bool = True
+    check_endpoint: bool = runtime(True)
 
     @model_validator(mode="before")
     @classmethod

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, set_column
-from pairsift.stages.base import Resources, Stage, StageConfig
+from pairsift.stages.base import Resources, Stage, StageConfig, runtime
 
 log = logging.getLogger("pairsift.text_embed")
 
@@ -60,7 +60,7 @@ class TextEmbedConfig(StageConfig):
     #: last module is Normalize, as all-MiniLM-L6-v2, gives unit vectors either way).
     normalize: bool = True
     #: cpu, or cuda (one GPU per worker).
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = runtime("cpu")
 
 
 def _is_local(model: str) -> bool:

@@ -558,8 +558,12 @@ def test_killed_job_resumes_without_repeating_committed_shards(ray_session, lm_s
     committed = [r for r in asked if r["source"].rsplit("/", 1)[-1] in ("00000.tar", "00001.tar", "00002.tar")]
     rest = [r for r in asked if r not in committed]
     assert committed and rest
-    # The second run asked once for each sample of the uncommitted shards and for nothing else.
-    assert second == Counter(prompt[r["uid"]] for r in rest)
+    # The second run asked nothing of the committed shards, and at most once for each sample of the
+    # others; what the first run already generated for the failed shard (before a later stage
+    # failed) comes from the compute cache, so every sample was asked in one run or the other.
+    assert not set(second) & {prompt[r["uid"]] for r in committed}
+    assert all(n == 1 for n in second.values()) and set(second) <= {prompt[r["uid"]] for r in rest}
+    assert {prompt[r["uid"]] for r in rest} <= set(second) | set(first)
     assert all(first[prompt[r["uid"]]] == 1 for r in committed)
     assert all(r["recaption"] for r in asked)
 
