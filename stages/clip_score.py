@@ -49,7 +49,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages import clip_models
-from pairsift.stages.base import GlobalStage, StageConfig, decision, runtime
+from pairsift.stages.base import GlobalStage, Resources, StageConfig, decision, runtime
 
 log = logging.getLogger("pairsift.clip_score")
 
@@ -106,9 +106,8 @@ def _rank_scores(scores: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.where(np.isnan(s), np.float32(-np.inf), s)
 
 
-class ClipScoreStage(GlobalStage):
+class ClipScoreStage(GlobalStage[ClipScoreConfig]):
     name = "clip_score"
-    Config = ClipScoreConfig
 
     def __init__(self, config, context=None):
         super().__init__(config, context)
@@ -127,15 +126,15 @@ class ClipScoreStage(GlobalStage):
     # ------------------------------------------------------------------ driver side
 
     def preflight(self) -> None:
-        c: ClipScoreConfig = self.config
+        c = self.config
         weights = clip_models.resolve(c.model, c.pretrained)
         clip_models.ensure_weights(weights)
         clip_models.check_tokenizer_files(c.model)
         self._dim = clip_models.embed_dim(c.model)
         self._quick_gelu = clip_models.quick_gelu(c.model, c.pretrained)
 
-    def resources(self) -> dict[str, float]:
-        c: ClipScoreConfig = self.config
+    def resources(self) -> Resources:
+        c = self.config
         cluster = self.context.extras.get("cluster") or {}
         cpus = max(1, int(cluster.get("CPU", 1)))
         gpus = int(cluster.get("GPU", 0))
@@ -143,16 +142,16 @@ class ClipScoreStage(GlobalStage):
         if c.device == "cuda" and gpus < 1:
             raise ConfigError("clip_score.device: cuda, but the Ray cluster has no GPU")
         if c.device != "cpu" and gpus >= 1:  # one worker per GPU
-            return {"num_cpus": float(max(1, min(cap, cpus // gpus))), "num_gpus": 1.0}
+            return Resources(cpus=float(max(1, min(cap, cpus // gpus))), gpus=1.0)
         # On CPU one worker takes the job's CPUs: its model threads (one torch thread each) and
         # its decode threads use them (reading happens inside the same task).
-        return {"num_cpus": float(cap), "num_gpus": 0.0}
+        return Resources(cpus=float(cap), gpus=0.0)
 
     def batch_rows(self) -> int:
         return self.config.batch_size  # the worker hands over whole model batches
 
     def summary(self) -> dict:
-        c: ClipScoreConfig = self.config
+        c = self.config
         if self._quick_gelu is None:
             self._quick_gelu = clip_models.quick_gelu(c.model, c.pretrained)
         return {"model": c.model, "pretrained": c.pretrained, "quick_gelu": self._quick_gelu,
@@ -169,7 +168,7 @@ class ClipScoreStage(GlobalStage):
             return self._loaded
         import torch
 
-        c: ClipScoreConfig = self.config
+        c = self.config
         granted = self.context.extras.get("resources") or {}
         cpus = int(granted.get("num_cpus") or 0)
         if cpus:
@@ -332,7 +331,7 @@ class ClipScoreStage(GlobalStage):
 
     def compute(self, batch: pa.Table) -> pa.Table:
         """Scores (and embeddings) of the live pairs; images that do not decode are dropped."""
-        c: ClipScoreConfig = self.config
+        c = self.config
         n = batch.num_rows
         live = live_mask(batch)
         images = batch.column("image").to_pylist()
@@ -369,7 +368,7 @@ class ClipScoreStage(GlobalStage):
 
     def decide(self, batch: pa.Table) -> pa.Table:
         """``min_score``: drop the live pairs scoring below it (NaN too)."""
-        c: ClipScoreConfig = self.config
+        c = self.config
         if c.min_score is None or not batch.num_rows:
             return batch
         live = live_mask(batch)

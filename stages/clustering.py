@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pairsift.pipeline.errors import ConfigError
-from pairsift.stages.base import GlobalStage
+from pairsift.stages.base import ConfigT, GlobalStage
 
 #: Rows per matrix product in :func:`assign` (every product has this shape).
 ASSIGN_BLOCK = 256
@@ -232,7 +232,7 @@ def max_similarity_to_earlier(x_unit: np.ndarray, block: int | None = None) -> t
 # --------------------------------------------------------------------------- the stage
 
 
-class ClusteringStage(GlobalStage):
+class ClusteringStage(GlobalStage[ConfigT]):
     """A global stage that clusters ``config.embedding``: pass ``count`` counts, pass ``kmeans``
     samples and trains the centroids; subclasses name their own passes after those
     (:attr:`OWN_PASSES`) and implement them (``scan_clustered``, ``combine_clustered``,

@@ -169,7 +169,7 @@ def harder(d: np.ndarray, uids: np.ndarray, td: np.ndarray, tu: np.ndarray) -> n
     return (d > td) | ((d == td) & (uids < tu))
 
 
-class ConceptPruneStage(ClusteringStage):
+class ConceptPruneStage(ClusteringStage[ConceptPruneConfig]):
     name = "concept_prune"
     artifacts = ("concept_prune",)
 
@@ -190,7 +190,6 @@ class ConceptPruneStage(ClusteringStage):
         return ('<section id="clusters"><h2>Cluster budgets</h2>'
                 + svg_bars([str(i) for i in order.index], order["budget"].tolist(), "budget per cluster (by complexity)")
                 + svg_bars([str(i) for i in order.index], order["size"].tolist(), "size per cluster") + "</section>")
-    Config = ConceptPruneConfig
 
     OWN_PASSES = ("histogram", "cut")
 
@@ -263,7 +262,7 @@ class ConceptPruneStage(ClusteringStage):
     # ------------------------------------------------------------------ merges
 
     def merge_clustered(self, pass_name: str, parts: list, state: Any) -> Any:
-        c: ConceptPruneConfig = self.config
+        c = self.config
         k = state["centroids"].shape[0]
         if pass_name == "histogram":
             hist = np.zeros(k * BINS, np.int64)
@@ -374,6 +373,6 @@ class ConceptPruneStage(ClusteringStage):
         table: pa.Table = state["clusters"]
         with storage.atomic_open(storage.join(output, "concept_prune", "clusters.parquet")) as f:
             pq.write_table(table, f, compression="zstd")
-        c: ConceptPruneConfig = self.config
+        c = self.config
         return {"pool": int(state["pool"]), "kept": int(state["total"]), "clusters": table.num_rows,
                 "kmeans_sample": int(state["sample_size"]), "allocation": c.allocation, "floor": c.floor}

@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 
 from pairsift.pipeline.table import live_mask
-from pairsift.stages.base import Stage, StageConfig
+from pairsift.stages.base import Resources, Stage, StageConfig
 
 
 class FaultConfig(StageConfig):
@@ -39,19 +39,18 @@ class FaultConfig(StageConfig):
     num_gpus: float = 0.0
 
 
-class FaultInjectionStage(Stage):
+class FaultInjectionStage(Stage[FaultConfig]):
     name = "fault_injection"
-    Config = FaultConfig
 
-    def resources(self) -> dict[str, float]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.config.num_gpus}
+    def resources(self) -> Resources:
+        return Resources(cpus=self.num_cpus, gpus=self.config.num_gpus)
 
     @classmethod
     def needs_pixels(cls, config) -> bool:
         return False  # captions and sources only
 
     def process(self, batch: pa.Table) -> pa.Table:
-        c: FaultConfig = self.config
+        c = self.config
         if c.fail_on_empty_batch and not batch.num_rows:
             raise RuntimeError("injected failure on an empty batch")
         if c.delay_s and batch.num_rows:

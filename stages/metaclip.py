@@ -96,7 +96,7 @@ class MetaClipConfig(StageConfig):
         return PAPER_TAIL_SHARE if self.t is None else None
 
 
-class MetaClipStage(GlobalStage):
+class MetaClipStage(GlobalStage[MetaClipConfig]):
     name = "metaclip"
     artifacts = ("metaclip",)
 
@@ -158,7 +158,6 @@ class MetaClipStage(GlobalStage):
         return ('<section id="metaclip"><h2>MetaCLIP entry counts</h2><div class="charts">'
                 + svg_histogram(before, "log10 matches per entry, before")
                 + svg_histogram(after, "log10 expected matches per entry, after") + "</div></section>")
-    Config = MetaClipConfig
 
     def __init__(self, config, context=None):
         super().__init__(config, context)
@@ -172,7 +171,7 @@ class MetaClipStage(GlobalStage):
         if self._files is None:
             from pairsift.metadata.load import resolve, resolve_languages
 
-            c: MetaClipConfig = self.config
+            c = self.config
             if c.worldwide:
                 self._files = dict(resolve_languages(c.metadata))
                 if c.other_metadata is not None:
@@ -182,7 +181,7 @@ class MetaClipStage(GlobalStage):
         return self._files
 
     def preflight(self) -> None:
-        c: MetaClipConfig = self.config
+        c = self.config
         files = self.files()
         if c.worldwide and c.share is None and "en" not in files:
             raise ConfigError("t: worldwide mode transfers English t to other languages and needs "
@@ -218,13 +217,13 @@ class MetaClipStage(GlobalStage):
         only apply the balancing, or find every row in the compute cache, never build it."""
 
     def summary(self) -> dict:
-        c: MetaClipConfig = self.config
+        c = self.config
         return {"metadata": {k: str(v) for k, v in self.files().items()}, "t": c.t,
                 "tail_share": c.share, "worldwide": c.worldwide}
 
     # -- map part: matching -------------------------------------------------------------------
     def process(self, batch: pa.Table) -> pa.Table:
-        c: MetaClipConfig = self.config
+        c = self.config
         n = batch.num_rows
         live = live_mask(batch) if n else np.zeros(0, dtype=bool)
         if n and c.caption_column not in batch.column_names:
@@ -298,7 +297,7 @@ class MetaClipStage(GlobalStage):
         the entry probabilities."""
         from pairsift.metadata.balance import entry_probs, p_to_t, t_to_p
 
-        c: MetaClipConfig = self.config
+        c = self.config
         counts: dict[str, np.ndarray] = {}
         for lang in self.files():
             counts[lang] = np.zeros(len(self.entries(lang)), dtype=np.int64)

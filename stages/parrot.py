@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
-from pairsift.stages.base import Stage, StageConfig, decision, runtime
+from pairsift.stages.base import Resources, Stage, StageConfig, decision, runtime
 from pairsift.stages.cotr import SCORES, cotr, cotr_normalized, spells
 
 #: The CLIP similarity is computed at most this many images at a time.
@@ -222,9 +222,8 @@ def check_clip(clip: ClipModelConfig) -> None:
     clip_models.check_tokenizer_files(clip.model, "parrot.clip")
 
 
-class ParrotStage(Stage):
+class ParrotStage(Stage[ParrotConfig]):
     name = "parrot"
-    Config = ParrotConfig
     GPU_SHARE = 0.25  # OCR workers per GPU: 4
 
     def __init__(self, config, context=None):
@@ -242,20 +241,20 @@ class ParrotStage(Stage):
         return bool(getattr(cls, "supports_cuda", False) and cuda is not None and cuda())
 
     def _wants_gpu(self) -> bool:
-        c: ParrotConfig = self.config
+        c = self.config
         if c.device != "auto":
             return c.device == "cuda"
         if float(self.context.extras.get("cluster", {}).get("GPU", 0.0)) <= 0:
             return False
         return c.clip_check or self._engine_cuda()
 
-    def resources(self) -> dict[str, float]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.GPU_SHARE if self._wants_gpu() else 0.0}
+    def resources(self) -> Resources:
+        return Resources(cpus=self.num_cpus, gpus=self.GPU_SHARE if self._wants_gpu() else 0.0)
 
     def preflight(self) -> None:
         from pairsift.stages.ocr_engines import check_engine
 
-        c: ParrotConfig = self.config
+        c = self.config
         check_engine(c.engine)
         if c.device == "cuda" and not c.clip_check and not self._engine_cuda():
             raise ConfigError(f"parrot.device: 'cuda' but OCR engine {c.engine!r} has no CUDA support here "
@@ -269,7 +268,7 @@ class ParrotStage(Stage):
     def setup(self) -> None:
         from pairsift.stages.ocr_engines import make_engine
 
-        c: ParrotConfig = self.config
+        c = self.config
         granted = self.context.extras.get("resources", {})
         threads = max(1, int(granted.get("num_cpus", self.num_cpus)))
         gpu = float(granted.get("num_gpus", 0.0)) > 0 if granted else self._wants_gpu()
@@ -284,7 +283,7 @@ class ParrotStage(Stage):
             self.clip = ClipSimilarity(c.clip.model, c.clip.pretrained, device)
 
     def summary(self) -> dict:
-        c: ParrotConfig = self.config
+        c = self.config
         return {"engine": c.engine, "policy": c.policy, "score": c.score, "max_cotr": c.max_cotr,
                 "min_text_area": c.min_text_area, "gate_side": c.gate_side, "gate_min_prob": c.gate_min_prob,
                 "clip": c.clip.model_dump() if c.clip_check and c.clip else None}
@@ -295,7 +294,7 @@ class ParrotStage(Stage):
         pass must look: it shrank the image (looked at fewer pixels than the image has) and its
         probability map exceeds ``gate_min_prob`` where it accepted no box. On an image it saw
         at full size, only a box counts: looking again would add no pixels."""
-        c: ParrotConfig = self.config
+        c = self.config
         shrunk = c.gate_side is not None and max(image.shape[:2]) > c.gate_side
         gate = getattr(self.engine, "gate", None)
         if gate is None or c.gate_min_prob is None or not shrunk:  # boxes decide
@@ -307,7 +306,7 @@ class ParrotStage(Stage):
         """Boxes and texts of the legible lines in ``image`` (and, ``with_words``, each line's
         word boxes): cheap detection first, then accurate detection and recognition only where
         the cheap pass found text or was unsure."""
-        c: ParrotConfig = self.config
+        c = self.config
         empty = (np.zeros((0, 4, 2), np.float32), [])
         if c.gate_side is not None and not self.has_text_cheaply(image):
             return (*empty, []) if with_words else empty
@@ -329,7 +328,7 @@ class ParrotStage(Stage):
     def compute(self, batch: pa.Table) -> pa.Table:
         """OCR, the CoTR scores and (with ``clip_check``) the CLIP drop of every live row;
         images that do not decode are dropped (``decode_error``)."""
-        c: ParrotConfig = self.config
+        c = self.config
         if self.engine is None and batch.num_rows:
             self.setup()
         n = batch.num_rows
@@ -392,7 +391,7 @@ class ParrotStage(Stage):
     def decide(self, batch: pa.Table) -> pa.Table:
         """The policy, on the stored OCR columns: ``no_text`` drops text images
         (``text_image``), the CoTR policies drop parrots (``parrot``)."""
-        c: ParrotConfig = self.config
+        c = self.config
         if not batch.num_rows:
             return batch
         live = live_mask(batch)

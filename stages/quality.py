@@ -138,17 +138,16 @@ def inspect_image_scaled(data: bytes, max_pixels: int) -> tuple[str, int, int]:
             img.close()
 
 
-class QualityStage(Stage):
+class QualityStage(Stage[QualityConfig]):
     name = "quality"
     rewrites = ("caption",)  # normalised text: cached with the computed columns
-    Config = QualityConfig
 
     def compute(self, batch: pa.Table) -> pa.Table:
         """The caption clean-up, and for every live row the image check: ``width``,
         ``height`` and ``image_format`` as displayed, ``image_bytes``, and ``image_error``
         (the drop reason of an image that cannot be used). Drops nothing: ``decide`` does, in
         the rule order the stage has always had."""
-        c: QualityConfig = self.config
+        c = self.config
         images = batch.column("image").to_pylist()
         captions = batch.column("caption").to_pylist()
         done = batch.column("drop_reason").to_pylist()
@@ -191,7 +190,7 @@ class QualityStage(Stage):
         n = batch.num_rows
         if not n:
             return batch
-        c: QualityConfig = self.config
+        c = self.config
         live = live_mask(batch)
         cols = {k: batch.column(k).to_pylist() for k in ("caption", "width", "height", "image_bytes", "image_error")}
         reasons: list[str | None] = [None] * n
@@ -210,7 +209,7 @@ class QualityStage(Stage):
         return mark_dropped(batch, reasons, self.name)
 
     def _caption_reason(self, caption: str | None) -> str | None:
-        c: QualityConfig = self.config
+        c = self.config
         if caption is None or not caption.strip():
             return "empty_caption"
         if len(caption) < c.min_caption_chars:
@@ -223,7 +222,7 @@ class QualityStage(Stage):
         return None
 
     def _size_reason(self, w: int, h: int) -> str | None:
-        c: QualityConfig = self.config
+        c = self.config
         if min(w, h) < c.min_side:
             return "too_small"
         if c.max_aspect is not None and max(w, h) / min(w, h) > c.max_aspect:

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import BASE_SCHEMA, live_mask, set_column
-from pairsift.stages.base import Stage, StageConfig, runtime
+from pairsift.stages.base import Resources, Stage, StageConfig, runtime
 from pairsift.stages.llm import Backend, GenRequest, derive_int
 from pairsift.stages.llm import prompts as P
 
@@ -146,9 +146,8 @@ def recaption_summaries(con) -> list[tuple]:
 
 
 
-class RecaptionStage(Stage):
+class RecaptionStage(Stage[RecaptionConfig]):
     name = "recaption"
-    Config = RecaptionConfig
 
     @classmethod
     def needs_pixels(cls, config: RecaptionConfig) -> bool:
@@ -180,7 +179,7 @@ class RecaptionStage(Stage):
     def pools(self) -> list[list[P.Example]]:
         """The example pools: ``example_pools``, or ``examples`` as the one pool (maybe empty)."""
         if self._pools is None:
-            c: RecaptionConfig = self.config
+            c = self.config
             specs = c.example_pools if c.example_pools is not None else [c.examples]
             self._pools = [P.load_examples(spec) for spec in specs]
         return self._pools
@@ -193,8 +192,8 @@ class RecaptionStage(Stage):
     def output_type(self) -> pa.DataType:
         return pa.list_(pa.string()) if self.config.num_rewrites > 1 else pa.string()
 
-    def resources(self) -> dict[str, float]:
-        c: RecaptionConfig = self.config
+    def resources(self) -> Resources:
+        c = self.config
         if c.num_gpus is not None:
             gpus = c.num_gpus
         elif c.backend == "vllm":
@@ -207,10 +206,10 @@ class RecaptionStage(Stage):
         if gpus > 0 and cluster is not None and not cluster.get("GPU"):  # Ray would wait forever
             raise ConfigError(f"recaption.num_gpus: the {c.backend} backend asks for {gpus:g} GPU(s) per worker "
                               f"and the Ray cluster has none (backend: openai needs none)")
-        return {"num_cpus": self.num_cpus, "num_gpus": gpus}
+        return Resources(cpus=self.num_cpus, gpus=gpus)
 
     def preflight(self) -> None:
-        c: RecaptionConfig = self.config
+        c = self.config
         try:
             P.check_template(self.template, c.mode)
         except ValueError as e:
@@ -250,7 +249,7 @@ class RecaptionStage(Stage):
         self.backend.load()
 
     def process(self, batch: pa.Table) -> pa.Table:
-        c: RecaptionConfig = self.config
+        c = self.config
         n = batch.num_rows
         if c.mode == "fuse" and c.fuse_column not in batch.column_names:
             raise KeyError(f"recaption.fuse_column: no column {c.fuse_column!r}; "
@@ -309,7 +308,7 @@ class RecaptionStage(Stage):
         return out
 
     def _missing_input(self, caption: str | None, image: bytes | None, synthetic: str | None) -> str | None:
-        c: RecaptionConfig = self.config
+        c = self.config
         if c.mode == "caption":
             return None if image else "no image to caption"
         if not caption or not caption.strip():
@@ -322,7 +321,7 @@ class RecaptionStage(Stage):
                 k: int) -> GenRequest:
         """Generation ``k`` of sample ``uid``: its prompt (examples drawn by hash(seed, uid,
         k) from pool k mod the number of pools), its image in caption mode, and its sampling seed."""
-        c: RecaptionConfig = self.config
+        c = self.config
         seed = self.context.seed
         examples = []
         if c.mode == "rewrite" and c.num_examples:
@@ -336,7 +335,7 @@ class RecaptionStage(Stage):
                           seed=derive_int(seed, uid, k, "sample") % (2**31 - 1))
 
     def summary(self) -> dict:
-        c: RecaptionConfig = self.config
+        c = self.config
         facts = {
             "mode": c.mode,
             "backend": c.backend,

@@ -66,10 +66,9 @@ def _range_of(clusters: np.ndarray, k: int, parts: int) -> np.ndarray:
     return (clusters.astype(np.int64) * parts) // max(k, 1)
 
 
-class SemDedupStage(ClusteringStage):
+class SemDedupStage(ClusteringStage[SemDedupConfig]):
     name = "semdedup"
     artifacts = ("semdedup",)
-    Config = SemDedupConfig
     OWN_PASSES = ("spill",)
 
     def _parts(self, k: int) -> int:

@@ -380,7 +380,7 @@ def test_global_only_with_top_fraction_and_resources_follow_the_cluster():
     assert ClipScoreStage.is_global(cfg.model_copy(update={"top_fraction": 0.3}))
 
     def ask(config, cluster):
-        return ClipScoreStage(config, StageContext(extras={"cluster": cluster})).resources()
+        return ClipScoreStage(config, StageContext(extras={"cluster": cluster})).resources().ray_options()
 
     assert ask(cfg, {"CPU": 2.0}) == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert ask(cfg, {"CPU": 16.0, "GPU": 2.0})["num_gpus"] == 1.0

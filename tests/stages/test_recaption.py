@@ -289,7 +289,7 @@ def test_resources_follow_the_backend_and_the_cluster():
     def ask(cluster, **cfg):
         stage = RecaptionStage(RecaptionConfig(mode="rewrite", model="m", **cfg),
                                StageContext(extras={} if cluster is None else {"cluster": cluster}))
-        return stage.resources()["num_gpus"]
+        return stage.resources().gpus
 
     assert ask({"CPU": 8, "GPU": 4}, backend="vllm") == 1
     assert ask({"CPU": 8, "GPU": 4}, backend="vllm", engine_args={"tensor_parallel_size": 2}) == 2
