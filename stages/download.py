@@ -98,7 +98,9 @@ class _Collected:
 
 class DownloadStage(Stage[DownloadConfig]):
     name = "download"
-    cacheable = False  # it fetches the image bytes themselves: the image store keeps them, once
+    # What was downloaded is computed once: a rerun with new decisions fetches nothing again (and
+    # a link that died since cannot change the result). The bytes are kept in the compute cache.
+    rewrites = ("image",)
     scores = ()
 
     @classmethod

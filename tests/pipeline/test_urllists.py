@@ -201,6 +201,15 @@ def test_uids_stable_reruns_fetch_nothing_and_a_lost_shard_only_its_urls(first_r
     (out / "_work" / "ledger" / "p0" / "000001.json").unlink()
     before = len(log)
     run_job(_job(lists, out))
+    assert requested(log[before:]) == []  # the compute cache kept what shard 1 downloaded
+    assert _outputs(out)[:2] == (kept1, rejected1)
+    import shutil
+
+    for cached in (out / "_cache").glob("download-*"):  # without it: shard 1's URLs are fetched, alone
+        shutil.rmtree(cached)
+    (out / "_work" / "ledger" / "p0" / "000001.json").unlink()
+    before = len(log)
+    run_job(_job(lists, out))
     assert requested(log[before:]) == ["/dir/deep.jpg"]  # a.csv's fifth row, alone in shard 1
     assert _outputs(out)[:2] == (kept1, rejected1)
     # a.csv: 5 rows, c.txt: 3 rows, both normalised in row groups of 4; sub/b.parquet: 5 rows in
