@@ -8,7 +8,7 @@ OUT/<artifact>/...             job-level artifacts a stage declares (metaclip/, 
 OUT/manifest.json              written last: the job is complete
 OUT/report.html
 OUT/_work/job.json             the job's identity: spec fingerprint, inputs, what pairsift owns here
-OUT/_work/lock                 held while a driver runs the job
+OUT/.pairsift.lock             held while a driver runs the job
 OUT/_work/ledger/<step>/...    one commit marker (+ partial) per task
 OUT/_work/p<k>/NNNNNN.parquet  work shards of phase k (columns only: no image bytes)
 OUT/_work/images/NNNNNN/       image bytes that exist nowhere else (gzip'd tars, downloads)
@@ -45,7 +45,8 @@ def plan_file(output: str) -> str:
 
 
 def lock_file(output: str) -> str:
-    return storage.join(output, "_work", "lock")
+    """Held while a driver runs the job (beside _work: --restart removes _work, never the lock)."""
+    return storage.join(output, ".pairsift.lock")
 
 
 def ledger_dir(output: str) -> str:
@@ -79,6 +80,25 @@ def image_store_dir(output: str, name: str | None = None) -> str:
 def cache_dir(output: str) -> str:
     """The job's compute cache unless ``--cache`` names a shared one: kept by ``--restart``."""
     return storage.join(output, "_cache")
+
+
+def normalised_url_list(output: str, index: int) -> str:
+    """A text URL list parsed once into Parquet (``input.format: urls``)."""
+    return storage.join(output, "_work", "urls", f"{index:06d}.parquet")
+
+
+def url_list_path(output: str, name: str) -> str:
+    """An emitted URL list of the kept rows (``emit.images: false``)."""
+    return storage.join(output, "urls", f"{name}.parquet")
+
+
+def shards_dir(output: str) -> str:
+    return storage.join(output, "shards")
+
+
+def rows_dir(output: str, kept: bool) -> str:
+    """``metadata/`` (kept rows) or ``rejected/``."""
+    return storage.join(output, "metadata" if kept else "rejected")
 
 
 def rejected_path(output: str, name: str) -> str:

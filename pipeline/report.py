@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pairsift.pipeline import layout
 from pairsift.pipeline.stats import connect, score_columns
 
 THUMB = 112
@@ -119,10 +120,10 @@ def _kept_examples(output: str, n: int, score: str | None = None) -> list[str]:
     """Thumbnails of the first kept samples, each noted with its ``score`` (the job's first
     score column) when it has one."""
     out = []
-    shards = sorted(f for f in os.listdir(os.path.join(output, "shards")) if f.endswith(".tar")) \
-        if os.path.isdir(os.path.join(output, "shards")) else []
+    folder = layout.shards_dir(output)
+    shards = sorted(f for f in os.listdir(folder) if f.endswith(".tar")) if os.path.isdir(folder) else []
     for name in shards:
-        with tarfile.open(os.path.join(output, "shards", name)) as tf:
+        with tarfile.open(os.path.join(folder, name)) as tf:
             members: dict[str, dict[str, bytes]] = {}
             for m in tf:
                 stem, _, ext = m.name.partition(".")
@@ -151,7 +152,7 @@ def _dropped_examples(con, n: int) -> list[str]:
 
 def build_report(output: str, thumbs: int = 12) -> str:
     """Write ``OUT/report.html`` and return its path."""
-    with open(os.path.join(output, "manifest.json")) as f:
+    with open(layout.manifest_file(output)) as f:
         m = json.load(f)
     con = connect(output)
     c = m["counts"]
@@ -202,7 +203,7 @@ def build_report(output: str, thumbs: int = 12) -> str:
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pairsift: {_e(m['name'])}</title>"
             f"<style>{CSS}</style></head><body>{''.join(sec)}</body></html>")
-    path = os.path.join(output, "report.html")
+    path = layout.report_file(output)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)

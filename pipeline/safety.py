@@ -163,7 +163,7 @@ class JobLock:
 
     def __init__(self, output: str, beat: float = 20.0, stale: float = 90.0):
         self.output = output
-        self.path = storage.join(output, self.NAME)
+        self.path = layout.lock_file(output)
         self.beat, self.stale = beat, stale
         self._fd: int | None = None
         self._stop = threading.Event()

@@ -11,6 +11,7 @@ import os
 
 import duckdb
 
+from pairsift.pipeline import layout
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.storage import require_local
 
@@ -24,7 +25,7 @@ def score_columns(output: str, con: duckdb.DuckDBPyConnection) -> list[str]:
     a score (``Stage.scores``; by default its numeric columns), in stage order. An output
     without that record gets every numeric column."""
     have = {r[0]: r[1] for r in con.execute("DESCRIBE samples").fetchall()}
-    path = os.path.join(output, "manifest.json")
+    path = layout.manifest_file(output)
     if os.path.isfile(path):
         with open(path) as f:
             cols = json.load(f).get("columns")
@@ -38,11 +39,11 @@ def score_columns(output: str, con: duckdb.DuckDBPyConnection) -> list[str]:
 def connect(output: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with ``samples`` and ``rejected`` registered as views."""
     require_local(output, "stats")
-    if not os.path.isfile(os.path.join(output, "manifest.json")) and not os.path.isdir(os.path.join(output, "rejected")):
+    if not os.path.isfile(layout.manifest_file(output)) and not os.path.isdir(layout.rows_dir(output, kept=False)):
         raise ConfigError(f"{output} is not a pairsift job output (no manifest.json)")
     con = duckdb.connect()
     for view, sub in (("samples", "metadata"), ("rejected", "rejected")):
-        folder = os.path.join(output, sub)
+        folder = layout.rows_dir(output, kept=sub == "metadata")
         files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet")) if os.path.isdir(folder) else []
         if files:
             # The files listed one by one, not a glob: an output path may hold [ ] * ? itself.
@@ -98,7 +99,7 @@ def format_table(header: list[str], rows: list[tuple]) -> str:
 def stats_text(output: str) -> str:
     con = connect(output)
     parts = []
-    manifest_path = os.path.join(output, "manifest.json")
+    manifest_path = layout.manifest_file(output)
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             m = json.load(f)
@@ -119,7 +120,7 @@ def stats_text(output: str) -> str:
 
 def stage_sections(output: str, con: duckdb.DuckDBPyConnection) -> list[str]:
     """Each stage's own part of ``pairsift stats`` (``Stage.stats_section``), in job order."""
-    path = os.path.join(output, "manifest.json")
+    path = layout.manifest_file(output)
     if not os.path.isfile(path):
         return []
     with open(path) as f:

@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pairsift.pipeline import storage
+from pairsift.pipeline import layout, storage
 from pairsift.pipeline.errors import ConfigError, JobError
 from pairsift.pipeline.ingest import (InputShard, Limits, _list_files, as_pylist, check_column_type, decode_caption,
                                       input_schema, is_text_type, safe_text)
@@ -362,7 +362,7 @@ def list_url_shards(spec) -> list[InputShard]:
             else:  # parsed once, from its start
                 list_errors: list[str] = []
                 table = read_url_list(path, rel, inp, list_errors)
-                read, mode, notes = storage.join(spec.output, "_work", "urls", f"{i:06d}.parquet"), "normalised", \
+                read, mode, notes = layout.normalised_url_list(spec.output, i), "normalised", \
                     tuple(list_errors)
                 with storage.atomic_open(read) as f:
                     pq.write_table(table, f, row_group_size=inp.shard_size, compression="zstd")

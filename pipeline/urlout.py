@@ -29,8 +29,7 @@ URL_LIST_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("u
 _IMAGE_COLUMNS = ("image", "transcoded", "image_offset", "image_size")
 
 
-def url_list_path(output: str, name: str) -> str:
-    return storage.join(output, URLS, f"{name}.parquet")
+url_list_path = layout.url_list_path
 
 
 def _rows(task: EmitTask) -> pa.Table:

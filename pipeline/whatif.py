@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
+from pairsift.pipeline import layout
 from pairsift.pipeline.errors import ConfigError
 
 #: Drop reasons that are facts about the data, which no decision changes.
@@ -90,7 +91,7 @@ def _rows(output: str) -> pa.Table:
 
     parts = []
     for sub in ("metadata", "rejected"):
-        folder = os.path.join(output, sub)
+        folder = layout.rows_dir(output, kept=sub == "metadata")
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if name.endswith(".parquet"):
                 parts.append(pq.read_table(os.path.join(folder, name)))
@@ -122,7 +123,7 @@ def what_if(output: str, overrides: list[str]) -> dict[str, Any]:
     from pairsift.stages import get_stage_class
     from pairsift.stages.base import GlobalStage, StageContext
 
-    path = os.path.join(output, "manifest.json")
+    path = layout.manifest_file(output)
     if not os.path.isfile(path):
         raise ConfigError(f"{output} has no manifest.json: --what-if needs a finished job")
     with open(path) as f:

@@ -23,7 +23,7 @@ from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.plan import Phase
 from pairsift.pipeline.cache import DROP, ShardCaches, cache_root, compute_fingerprints
 from pairsift.pipeline.imagestore import ImageStoreWriter, fetch_images
-from pairsift.pipeline.table import LOCATOR_COLUMNS, live_mask, mark_dropped, set_column
+from pairsift.pipeline.table import INGEST_SCHEMA, LOCATOR_COLUMNS, live_mask, mark_dropped, set_column
 from pairsift.stages import get_stage_class
 from pairsift.stages.base import Stage, StageContext
 from pairsift.pipeline.ingest import InputShard, input_schema, read_shard
@@ -155,6 +155,7 @@ def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, An
     batch = in_schema.empty_table()
     added: dict[int, list[list[str]]] = {}
     computed: dict[int, pa.Schema] = {}
+    own: dict[str, set[str]] = {}  # stage name -> the columns it added (a stage listed twice recomputes them)
     for step in phase.steps:
         stage = get_stage(spec, step.stage, extras)
         before = set(batch.column_names)
@@ -163,8 +164,10 @@ def _probe_schema(spec, phase: Phase, in_schema: pa.Schema, states: dict[int, An
                 batch = stage.apply(batch, states[step.stage])
             else:
                 batch = stage.compute(batch) if _splits(stage) else stage.process(batch)
+                mine = own.setdefault(step.name, set())
                 computed[step.stage] = pa.schema([f for f in batch.schema if f.name not in before
-                                                  or f.name in type(stage).rewrites])
+                                                  or f.name in type(stage).rewrites or f.name in mine])
+                mine.update(f.name for f in batch.schema if f.name not in before)
                 if _splits(stage):
                     batch = stage.decide(batch)
         except Exception as e:  # noqa: BLE001
@@ -234,8 +237,9 @@ def _check_rewrites(stage: Stage, given: pa.Table, sub: pa.Table, columns: pa.Sc
     changed would be lost when the cache serves the row. A stage that does is a bug to report,
     not a silent difference between a first run and a rerun."""
     live = pa.array(live_mask(sub))
-    for name in given.column_names:
-        if name in ("drop_reason", "drop_stage", "image") or name in columns.names or name not in sub.column_names:
+    for name in given.column_names:  # the row's own columns (a stage listed twice recomputes its columns)
+        if name not in INGEST_SCHEMA.names or name in ("drop_reason", "drop_stage", "image") \
+                or name in columns.names or name not in sub.column_names:
             continue
         if not given.column(name).filter(live).equals(sub.column(name).filter(live)):
             raise ConfigError(f"stage {stage.name} changes column {name!r} in its computation without declaring it: "

@@ -129,7 +129,7 @@ class ExactDedupStage(GlobalStage[ExactDedupConfig]):
             SELECT s.shard, s.uid, g.rep FROM spill s JOIN g USING (hash) WHERE s.uid <> g.rep
             ORDER BY s.shard, s.uid""").fetch_arrow_table()
         with storage.atomic_open(self._decisions(task)) as f:
-            pq.write_table(dec, f, row_group_size=65536)
+            pq.write_table(dec, f, row_group_size=1024)  # apply reads its shard's rows: small groups prune well
         groups = con.execute("SELECT count(*) FROM (SELECT hash FROM spill GROUP BY hash HAVING count(*) > 1)").fetchone()
         return {"partition": task, "dropped": dec.num_rows, "groups": int(groups[0])}
 

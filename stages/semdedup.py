@@ -210,7 +210,7 @@ class SemDedupStage(ClusteringStage[SemDedupConfig]):
             "cluster": pa.array(np.concatenate(out_cluster) if out_cluster else np.zeros(0, np.int32), pa.int32()),
         }).sort_by([("shard", "ascending"), ("uid", "ascending")])
         with storage.atomic_open(self._decisions(task)) as f:
-            pq.write_table(decisions, f, row_group_size=65536)
+            pq.write_table(decisions, f, row_group_size=1024)  # apply reads its shard's rows: small groups prune well
         dups = np.bincount(decisions.column("cluster").to_numpy(), minlength=k) if decisions.num_rows \
             else np.zeros(k, np.int64)
         nz = np.flatnonzero(dups)
