@@ -300,8 +300,11 @@ def _execute(spec: JobSpec, stages: list, executor: Executor, cluster: dict) -> 
         summaries[phase.index] = [ledger.summary(phase.step_name, s.name) for s in shards]
         phase_times.append({**_phase_timing(phase, summaries[phase.index], time.perf_counter() - t0, len(todo)),
                             **_nodes(ran)})
-        if phase.scan is not None:
+        if phase.scan is not None:  # the barrier: merge on the driver, reduce tasks on the executor
+            t0 = time.perf_counter()
             barriers.after(phase, _Partials(ledger, phase.step_name, [s.name for s in shards]), cluster)
+            phase_times[-1]["barrier_seconds"] = round(time.perf_counter() - t0, 3)
+            phase_times[-1]["driver_rss_peak_mb"] = _driver_rss_mb()
         if not spec.emit.keep_work:  # work shards no later phase reads
             needed = {p.input_phase for p in phases[phase.index + 1 :]} | {phases[-1].index}
             for p in phases[: phase.index + 1]:
