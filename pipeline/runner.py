@@ -22,7 +22,7 @@ from typing import Any
 from pairsift.pipeline import layout, storage
 from pairsift.pipeline.emit import CaptionPolicy, plan_emit, write_emit_shard
 from pairsift.pipeline.errors import ConfigError
-from pairsift.pipeline.executor import TASK_RETRIES, Executor, LocalExecutor, RayExecutor
+from pairsift.pipeline.executor import Executor, LocalExecutor, RayExecutor
 from pairsift.pipeline.imagestore import remove_stores
 from pairsift.pipeline.ledger import Ledger
 from pairsift.pipeline.manifest import build_manifest, format_summary

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pairsift.pipeline import layout, storage
-from pairsift.pipeline.emit import EmitTask
+from pairsift.pipeline.emit import EmitTask, read_slice
 
 #: The folder under the output that holds the URL lists.
 URLS = "urls"
@@ -34,20 +34,7 @@ url_list_path = layout.url_list_path
 
 def _rows(task: EmitTask) -> pa.Table:
     """The task's rows from the final phase's work shards (columns only: there are no images)."""
-    parts = []
-    for s in task.slices:
-        fs, p = storage.fs_path(s.path)
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            columns = [n for n in pf.schema_arrow.names if n not in _IMAGE_COLUMNS]
-            seen = 0
-            for rb in pf.iter_batches(batch_size=4096, columns=columns):
-                lo, hi = max(s.start - seen, 0), min(s.stop - seen, rb.num_rows)
-                if lo < hi:
-                    parts.append(pa.Table.from_batches([rb.slice(lo, hi - lo)]))
-                seen += rb.num_rows
-                if seen >= s.stop:
-                    break
+    parts = [t for s in task.slices if (t := read_slice(s, drop=_IMAGE_COLUMNS)) is not None]
     return pa.concat_tables(parts, promote_options="permissive")
 
 

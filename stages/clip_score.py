@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import field_validator, model_serializer, model_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column

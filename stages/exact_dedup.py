@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column

@@ -30,7 +30,7 @@ import os
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from pairsift.pipeline.errors import ConfigError
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column

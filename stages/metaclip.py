@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from pairsift.pipeline import storage
 from pairsift.pipeline.errors import ConfigError
