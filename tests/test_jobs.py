@@ -140,16 +140,17 @@ def test_datacomp_prune_recipe_runs_in_the_dbp_papers_order(ray_session, sample_
     result = run_job(_recipe("datacomp_prune", sample_pool, tmp_path / "out", tiny, **small))
     facts = result.manifest["stage_facts"]
     assert sorted(facts, key=lambda k: int(k.split(":")[0])) == [
-        "0:clip_score", "1:semdedup", "2:clip_score", "3:concept_prune"]
-    assert facts["0:clip_score"]["top_fraction"] is None and facts["2:clip_score"]["top_fraction"] == 0.3
+        "0:clip_score", "1:semdedup", "2:score_filter", "3:concept_prune"]
+    assert facts["0:clip_score"]["top_fraction"] is None and facts["2:score_filter"]["top_fraction"] == 0.3
     after_dedup = facts["1:semdedup"]["pool"] - facts["1:semdedup"]["duplicates"]
-    assert facts["2:clip_score"]["pool"] == after_dedup > 10
-    assert facts["2:clip_score"]["kept"] == round(0.3 * after_dedup) == facts["3:concept_prune"]["pool"]
+    assert facts["2:score_filter"]["pool"] == after_dedup > 10
+    assert facts["2:score_filter"]["kept"] == round(0.3 * after_dedup) == facts["3:concept_prune"]["pool"]
+    assert result.manifest["cache"]["0:clip_score"]["computed"] > 0  # CLIP ran once: the filter reads its scores
     kept, rejected = _rows(tmp_path / "out")
     assert len(kept) == facts["3:concept_prune"]["kept"] == int(0.5 * facts["3:concept_prune"]["pool"]) > 0
     assert (facts["3:concept_prune"]["allocation"], facts["3:concept_prune"]["floor"]) == ("shift", "reference")
     assert len(kept) + len(rejected) == result.manifest["counts"]["input"]
-    assert {r["drop_reason"] for r in rejected} >= {"clip_score", "concept_prune"}
+    assert {r["drop_reason"] for r in rejected} >= {"score_filter", "concept_prune"}
 
 
 def test_metaclip_recipe_balances_with_shipped_metadata(ray_session, sample_pool, tmp_path, tiny):
