@@ -17,8 +17,7 @@ centres; ``--near-dup-share`` of the rows are a near copy, cosine ~0.97, of an e
 their file) and ``score`` (float32, rounded to 1/1000 so that ties occur).
 
 The job: ``exact_dedup`` -> an exact top-fraction cut on ``score`` (clip_score's histogram +
-narrow pass through the test-only stage ``stored_score.py``: pairsift has no stage that cuts
-on a stored score) -> ``semdedup`` -> ``concept_prune`` -> ``metaclip`` -> emit, each size in a
+narrow pass through the ``score_filter`` stage, which cuts on a stored score) -> ``semdedup`` -> ``concept_prune`` -> ``metaclip`` -> emit, each size in a
 fresh process with its own local Ray of ``--num-cpus`` CPUs, through ``run_job`` with the Ray
 executor wrapped to time each of its calls (every phase, every reduce, the emit) and to sample
 the resident memory of the Ray worker processes (``/proc``, every 0.2 s) while it runs.
@@ -190,7 +189,7 @@ def job_dict(pool: str, output: str, num_cpus: int, a: dict, stages: str = "all"
     else:
         chain = [
             {"exact_dedup": {}},
-            {"stored_score:StoredScoreCutStage": {"column": "score", "top_fraction": 0.8}},
+            {"score_filter": {"column": "score", "top_fraction": 0.8}},
             {"semdedup": {"embedding": "emb", "clusters": clusters, "kmeans_sample": sample}},
             {"concept_prune": {"embedding": "emb", "clusters": clusters, "keep_fraction": 0.8,
                                "kmeans_sample": sample}},
