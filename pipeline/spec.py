@@ -248,6 +248,15 @@ class JobSpec(_Strict):
         d.pop("ray")
         d.pop("cache", None)
         d["emit"].pop("keep_work", None)
+        versions = {}  # a stage whose computation changed since (its `version`): not the same job
+        for st in self.stages:
+            from pairsift.stages import get_stage_class
+
+            v = get_stage_class(st.name).version
+            if v != "1":
+                versions[st.name] = v
+        if versions:
+            d["stage_versions"] = versions
         if d["emit"].get("caption_policy") == "original":  # specs from before the policy existed
             d["emit"].pop("caption_policy")
             d["emit"].pop("p_original", None)

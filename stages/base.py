@@ -150,8 +150,9 @@ class Stage(Generic[ConfigT]):
     #: Resources one worker of this stage needs; the runner sizes its pools from them.
     num_cpus: ClassVar[float] = 1.0
     num_gpus: ClassVar[float] = 0.0
-    #: Bump when the stage's computation changes for the same config (cached columns of an
-    #: older version are then never reused).
+    #: Bump when the stage's computation changes for the same config (shipped data included):
+    #: cached columns of an older version are never reused, and an output made by it is not the
+    #: same job any more (its spec fingerprint changes), so it is not resumed.
     version: ClassVar[str] = "1"
     #: Whether the columns this stage computes are cached (off for stages that compute nothing
     #: worth keeping, or whose work must happen every run).

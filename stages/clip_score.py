@@ -103,6 +103,7 @@ class ClipScoreConfig(StageConfig):
 
 class ClipScoreStage(TopFractionCut, GlobalStage[ClipScoreConfig]):
     name = "clip_score"
+    version = "2"  # QuickGELU for OpenAI weights, RGB before the transform, one-thread CPU calls
 
     def __init__(self, config, context=None):
         super().__init__(config, context)

@@ -98,6 +98,7 @@ class MetaClipConfig(StageConfig):
 
 class MetaClipStage(GlobalStage[MetaClipConfig]):
     name = "metaclip"
+    version = "2"  # the cased English list, the worldwide `other` bucket, stripped captions
     artifacts = ("metaclip",)
 
     @classmethod

@@ -224,6 +224,7 @@ def check_clip(clip: ClipModelConfig) -> None:
 
 class ParrotStage(Stage[ParrotConfig]):
     name = "parrot"
+    version = "2"  # `cotr` is the paper's Algorithm 1
     GPU_SHARE = 0.25  # OCR workers per GPU: 4
 
     def __init__(self, config, context=None):
