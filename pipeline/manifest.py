@@ -96,7 +96,12 @@ def format_summary(manifest: dict) -> str:
         lines.append(f"{row['stage']:<16}{row['in']:>10,}{row['dropped']:>10,}{row['out']:>10,}  {reasons}")
     shards = manifest["shards"]
     size = sum(s["bytes"] for s in shards)
-    lines += ["", f"{len(shards)} training shard(s), {size / 1e6:,.1f} MB in shards/; metadata/ and rejected/ hold the rows"]
+    if (manifest.get("spec", {}).get("emit") or {}).get("images", True) is False:  # a caption-only pool
+        lines += ["", f"{len(shards)} URL list(s) of the kept rows, {size / 1e6:,.1f} MB in urls/; metadata/ and "
+                      f"rejected/ hold the rows"]
+    else:
+        lines += ["", f"{len(shards)} training shard(s), {size / 1e6:,.1f} MB in shards/; metadata/ and rejected/ "
+                      f"hold the rows"]
     for t in manifest["timings"]["phases"]:
         if not t["shards_run"]:
             lines.append(f"  {t['phase']:<28} all {t['shards']} shards committed earlier, skipped")

@@ -68,6 +68,24 @@ def svg_histogram(values: np.ndarray, title: str, bins: int = 30) -> str:
     return svg_bars(labels, counts.tolist(), f"{title} (n={values.size:,})")
 
 
+def _score_histogram(con, col: str, title: str, bins: int = 30) -> str:
+    """:func:`svg_histogram` of a column of the kept rows, binned by DuckDB (the values never
+    come to Python: the report costs the same for 10^3 rows and 10^9)."""
+    q = '"' + col.replace('"', '""') + '"'
+    finite = f"{q} IS NOT NULL AND isfinite({q}::DOUBLE)"
+    n, lo, hi = con.execute(f"SELECT count(*), min({q})::DOUBLE, max({q})::DOUBLE FROM samples WHERE {finite}").fetchone()
+    if not n:
+        return f"<p>{_e(title)}: no values</p>"
+    width = (hi - lo) / bins if hi > lo else 1.0
+    rows = con.execute(f"SELECT least(floor(({q}::DOUBLE - ?) / ?), ?)::BIGINT AS b, count(*) FROM samples "
+                       f"WHERE {finite} GROUP BY b", [lo, width, bins - 1]).fetchall()
+    counts = [0] * bins
+    for b, c in rows:
+        counts[int(b)] += int(c)
+    labels = [f"{lo + i * width:.3g}" for i in range(bins)]
+    return svg_bars(labels, counts, f"{title} (n={n:,})")
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -170,10 +188,7 @@ def build_report(output: str, thumbs: int = 12) -> str:
     charts = []
     scores = score_columns(output, con)
     for col in scores:
-        q = '"' + col.replace('"', '""') + '"'
-        vals = np.array([v for (v,) in con.execute(f"SELECT {q} FROM samples WHERE {q} IS NOT NULL").fetchall()],
-                        dtype=float)
-        charts.append(svg_histogram(vals, f"{col} (kept)"))
+        charts.append(_score_histogram(con, col, f"{col} (kept)"))
     sec.append('<section id="scores"><h2>Scores</h2><div class="charts">' + ("".join(charts) or "<p>no score columns</p>")
                + "</div></section>")
 
