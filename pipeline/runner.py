@@ -171,6 +171,7 @@ def run_global_stage(stage: GlobalStage, shards: list[list[Any]], output: str | 
     def roundtrip(x: Any) -> Any:
         return pickle.loads(pickle.dumps(x))
 
+    storage.remove_tree(stage.work_dir)  # a fresh start: no spill file of an earlier drive
     state = None
     for name in type(stage).passes(stage.config):
         partials = []

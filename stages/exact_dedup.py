@@ -48,6 +48,13 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()[:16]
 
 
+def _spill_files(folder: str) -> list[str]:
+    """The spill files one partition folder holds (one a shard that wrote to it; a file a killed
+    attempt left half-written has a temporary name and is not one of them)."""
+    fs, p = storage.fs_path(folder)
+    return sorted(f for f in fs.ls(p, detail=False) if f.endswith(".parquet"))
+
+
 class ExactDedupStage(GlobalStage[ExactDedupConfig]):
     name = "exact_dedup"
     scores = ()
@@ -96,31 +103,31 @@ class ExactDedupStage(GlobalStage[ExactDedupConfig]):
         for p in partials:
             rows += p["rows"]
             for q, n in zip(p.get("partitions", ()), p.get("counts", ())):
-                spilled.setdefault(int(q), []).append(p["shard"])
+                spilled[int(q)] = spilled.get(int(q), 0) + 1  # shards that wrote to it (their files are listed)
                 sizes[int(q)] += int(n)
         return {"rows": rows, "spilled": spilled, "sizes": dict(sizes)}
 
-    def reduce_tasks(self, pass_name: str, state: dict) -> list[list[tuple[int, list[str]]]]:
-        """Partitions grouped into tasks of about :data:`TASK_ROWS` rows: (partition, the shards
-        that spilled into it) each. A small pool is one task; a large one, many in parallel."""
+    def reduce_tasks(self, pass_name: str, state: dict) -> list[list[int]]:
+        """Partitions grouped into tasks of about :data:`TASK_ROWS` rows. A small pool is one
+        task; a large one, many in parallel."""
         tasks, current, held = [], [], 0
-        for q, shards in sorted(state.get("spilled", {}).items()):
-            current.append((q, shards))
+        for q in sorted(state.get("spilled", {})):
+            current.append(q)
             held += state["sizes"].get(q, 0)
             if held >= TASK_ROWS:
                 tasks.append(current)
                 current, held = [], 0
         return tasks + ([current] if current else [])
 
-    def reduce(self, pass_name: str, task: list[tuple[int, list[str]]], state: dict) -> list[dict]:
-        return [self._resolve(q, shards) for q, shards in task]
+    def reduce(self, pass_name: str, task: list[int], state: dict) -> list[dict]:
+        return [self._resolve(q) for q in task]
 
-    def _resolve(self, task: int, shards: list[str]) -> dict:
+    def _resolve(self, task: int) -> dict:
         """Resolve one partition: every non-representative member of a duplicate group."""
         import duckdb
 
         fs, _ = storage.fs_path(self._part_dir(task))
-        files = [storage.fs_path(storage.join(self._part_dir(task), f"{name}.parquet"))[1] for name in shards]
+        files = _spill_files(self._part_dir(task))
         con = duckdb.connect()
         con.register("spill", pq.ParquetDataset(files, filesystem=fs).read())
         dec = con.sql("""

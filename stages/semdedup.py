@@ -45,6 +45,7 @@ from pydantic import Field
 from pairsift.pipeline import storage
 from pairsift.pipeline.table import live_mask, mark_dropped, set_column
 from pairsift.stages.base import StageConfig, decision, runtime
+from pairsift.stages.exact_dedup import _spill_files
 from pairsift.stages.clustering import ClusteringStage, max_similarity_to_earlier, normalise
 
 #: Most cluster members the merge holds at once (a larger cluster is read alone).
@@ -121,11 +122,11 @@ class SemDedupStage(ClusteringStage[SemDedupConfig]):
         """Only the cluster sizes: the pairwise work runs in the reduce tasks."""
         k = state["centroids"].shape[0]
         counts = np.zeros(k, np.int64)
-        spilled: dict[int, list[str]] = {}  # spill partition -> the shards that wrote to it
+        spilled: dict[int, int] = {}  # spill partition -> how many shards wrote to it (their files are listed)
         for p in parts:
             counts += p["counts"]
             for r in p.get("ranges", ()):
-                spilled.setdefault(int(r), []).append(p["shard"])
+                spilled[int(r)] = spilled.get(int(r), 0) + 1
         state = {"counts": counts, "pool": int(counts.sum()), "sample_size": state["sample_size"],
                  "centroids": state["centroids"], "spilled": spilled}
         if not self.reduce_tasks(pass_name, state):  # nothing spilled: nothing to compare
@@ -134,8 +135,8 @@ class SemDedupStage(ClusteringStage[SemDedupConfig]):
 
     # ------------------------------------------------------------------ reduce: pairwise per cluster
 
-    def reduce_tasks(self, pass_name: str, state: dict) -> list[list[tuple[int, list[str]]]]:
-        """The spill partitions, (partition, the shards that spilled into it) each, grouped into
+    def reduce_tasks(self, pass_name: str, state: dict) -> list[list[int]]:
+        """The spill partitions (each reduce reads its folder's files), grouped into
         about 4 tasks per CPU of the job with equal pairwise work (sum of cluster sizes squared):
         a small pool is one task, a large one keeps every worker busy. The grouping changes
         no decision."""
@@ -151,23 +152,23 @@ class SemDedupStage(ClusteringStage[SemDedupConfig]):
         cpus = int(self.context.cluster.get("CPU", 1) or 1)
         target = max(float(cost.sum()) / max(1, 4 * cpus), 1.0)
         tasks, current, held = [], [], 0.0
-        for r, shards in spilled:
-            current.append((r, shards))
+        for r, _ in spilled:
+            current.append(r)
             held += cost[r]
             if held >= target:
                 tasks.append(current)
                 current, held = [], 0.0
         return tasks + ([current] if current else [])
 
-    def reduce(self, pass_name: str, task: list[tuple[int, list[str]]], state: dict) -> list[dict]:
-        return [self._decide(r, shards, state) for r, shards in task]
+    def reduce(self, pass_name: str, task: list[int], state: dict) -> list[dict]:
+        return [self._decide(r, state) for r in task]
 
-    def _decide(self, task: int, shards: list[str], state: dict) -> dict:
+    def _decide(self, task: int, state: dict) -> dict:
         """Decide every cluster of one spill partition, a range of clusters at a time (at most
         :data:`GATHER_ROWS` members, or one bigger cluster), and write the partition's
         decisions sorted by shard. Returns the duplicates per cluster."""
         fs, _ = storage.fs_path(self._spill_dir(task))
-        files = [storage.fs_path(storage.join(self._spill_dir(task), f"{name}.parquet"))[1] for name in shards]
+        files = _spill_files(self._spill_dir(task))
         counts = state["counts"]
         k = counts.size
         ids = np.flatnonzero(_range_of(np.arange(k), k, self._parts(k)) == task)
